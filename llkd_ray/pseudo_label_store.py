@@ -1,0 +1,247 @@
+"""The pseudo-label store: a Parquet dataset on any pyarrow filesystem (local path, s3://, gs://, a mount).
+
+Layout under ``store.path``::
+
+    teacher-<fingerprint>/          one directory per (model, prompt, labels): a changed prompt never mixes in
+        parts/part-*.parquet        scored rows, committed atomically as the teacher streams
+        rejects/part-*.parquet      rows the teacher could not take, with the reason
+        labels.parquet              the consolidated pseudo-labels (raw + calibrated distributions, label, confidence)
+        rejects.parquet             every reject, duplicates included
+        manifest.json               what made this store, the label prior and the row accounting
+
+Resume: each corpus row has a unique ``source`` (file:line); a re-run skips every source already committed,
+so a crash or Ctrl-C loses at most the parts in flight and never duplicates a row. A part file that a crash
+left unreadable is deleted on open and its rows are labeled again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from llkd_ray.config import Config
+from llkd_ray.label_scoring import calibrate, label_prior, pick_labels
+from llkd_ray.model_sources import model_identity
+
+
+LABELS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),
+        ("gold", pa.string()),
+        ("source", pa.string()),
+        ("probs_raw", pa.list_(pa.float32())),
+        ("probs_calibrated", pa.list_(pa.float32())),
+        ("label", pa.string()),
+        ("label_index", pa.int32()),
+        ("confidence", pa.float32()),
+        ("label_mass", pa.float32()),
+        ("truncated", pa.bool_()),
+        ("fingerprint", pa.string()),
+    ]
+)
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def teacher_fingerprint(cfg: Config) -> str:
+    """Identifies what the teacher's raw scores depend on: the weights, the prompt and the labels."""
+    return _digest(
+        {
+            "model": model_identity(cfg.teacher.model),
+            "task": cfg.task.model_dump(),
+            "max_text_tokens": cfg.teacher.max_text_tokens,
+        }
+    )
+
+
+def label_fingerprint(cfg: Config) -> str:
+    """The teacher fingerprint plus calibration: identifies the final pseudo-labels."""
+    return _digest({"teacher": teacher_fingerprint(cfg), "calibrate": cfg.teacher.calibrate})
+
+
+@dataclass
+class StoreSummary:
+    labels_path: str
+    rows: int  # corpus rows accounted for in the store
+    labeled: int
+    rejected: int
+    duplicates: int  # rejected because another row has the same id
+    truncated: int
+    labeled_this_run: int = 0
+    rejected_this_run: int = 0
+    resumed_rows: int = 0  # rows skipped because an earlier run had stored them
+
+    def describe(self) -> str:
+        line = f"read {self.rows} = labeled {self.labeled} + rejected {self.rejected}"
+        if self.duplicates:
+            line += f" (of which {self.duplicates} duplicate ids)"
+        if self.resumed_rows:
+            line += f"; resumed: {self.resumed_rows} rows were already stored"
+        return line + f"; {self.truncated} truncated texts; labels: {self.labels_path}"
+
+
+class PseudoLabelStore:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.fs, root = pafs.FileSystem.from_uri(_as_uri(cfg.store.path))
+        self.root = f"{root.rstrip('/')}/teacher-{teacher_fingerprint(cfg)}"
+        self.display_root = cfg.store.path.rstrip("/") + f"/teacher-{teacher_fingerprint(cfg)}"
+        for sub in ("parts", "rejects"):
+            self.fs.create_dir(f"{self.root}/{sub}", recursive=True)
+
+    @property
+    def labels_path(self) -> str:
+        return f"{self.display_root}/labels.parquet"
+
+    # ---- streaming writes -------------------------------------------------------------------------------------
+    def stored_sources(self) -> set[str]:
+        """Sources already committed (labeled or rejected); drops part files a crash left half-written."""
+        sources: set[str] = set()
+        for path in self._part_files("parts") + self._part_files("rejects"):
+            try:
+                sources.update(pq.read_table(path, columns=["source"], filesystem=self.fs)["source"].to_pylist())
+            except (pa.ArrowInvalid, OSError):
+                print(f"[llkd] removing unreadable part {path} (interrupted write); its rows will be labeled again")
+                self.fs.delete_file(path)
+        return sources
+
+    def commit(self, scored: pa.Table) -> tuple[int, int]:
+        """Write one streamed batch: scored rows to parts/, rejected rows to rejects/. Returns the two counts."""
+        rejected_mask = pc.is_valid(scored["reject_reason"])
+        labeled = scored.filter(pc.invert(rejected_mask))
+        rejected = scored.filter(rejected_mask).select(["id", "text", "source", "reject_reason"])
+        for sub, table in (("parts", labeled), ("rejects", rejected)):
+            if table.num_rows:
+                self._write_atomically(table, f"{self.root}/{sub}/part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet")
+        return labeled.num_rows, rejected.num_rows
+
+    def _write_atomically(self, table: pa.Table, path: str) -> None:
+        staging = path.rsplit("/", 1)[0] + "/.tmp-" + path.rsplit("/", 1)[1]
+        pq.write_table(table, staging, filesystem=self.fs)
+        self.fs.move(staging, path)  # a reader never sees half a part
+
+    def _part_files(self, sub: str) -> list[str]:
+        selector = pafs.FileSelector(f"{self.root}/{sub}", allow_not_found=True)
+        return sorted(
+            info.path for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and info.base_name.startswith("part-")
+        )
+
+    # ---- consolidation ----------------------------------------------------------------------------------------
+    def finalize(self, labeled_this_run: int = 0, rejected_this_run: int = 0, resumed_rows: int = 0) -> StoreSummary:
+        """Consolidate parts into labels.parquet: dedupe ids, estimate the prior, calibrate, pick labels."""
+        label_names = self.cfg.task.label_names
+        parts = self._read_all("parts")
+        rejects = self._read_all("rejects")
+        first_of_id: dict[str, int] = {}
+        keep, duplicate_rows = [], []
+        for index, row_id in enumerate(parts["id"].to_pylist() if parts is not None else []):
+            if row_id in first_of_id:
+                duplicate_rows.append(index)
+            else:
+                first_of_id[row_id] = index
+                keep.append(index)
+        duplicates = self._duplicates_as_rejects(parts, duplicate_rows, first_of_id)
+        reject_tables = [t for t in (rejects, duplicates) if t is not None and t.num_rows]
+        all_rejects = pa.concat_tables(reject_tables) if reject_tables else _empty_rejects()
+        labels, prior = self._label_table(parts.take(keep) if parts is not None else None, label_names)
+        pq.write_table(labels, f"{self.root}/labels.parquet", filesystem=self.fs)
+        pq.write_table(all_rejects, f"{self.root}/rejects.parquet", filesystem=self.fs)
+        summary = StoreSummary(
+            labels_path=self.labels_path,
+            rows=labels.num_rows + all_rejects.num_rows,
+            labeled=labels.num_rows,
+            rejected=all_rejects.num_rows,
+            duplicates=duplicates.num_rows,
+            truncated=int(pc.sum(labels["truncated"]).as_py() or 0) if labels.num_rows else 0,
+            labeled_this_run=labeled_this_run,
+            rejected_this_run=rejected_this_run,
+            resumed_rows=resumed_rows,
+        )
+        self._write_manifest(prior, summary)
+        return summary
+
+    def _label_table(self, parts: pa.Table | None, label_names: list[str]) -> tuple[pa.Table, np.ndarray | None]:
+        fingerprint = label_fingerprint(self.cfg)
+        if parts is None or parts.num_rows == 0:
+            return LABELS_SCHEMA.empty_table(), None
+        raw = np.asarray(parts["probs_raw"].to_pylist(), dtype=np.float64)
+        prior = label_prior(raw)
+        calibrated = calibrate(raw, prior)
+        chosen, confidence = pick_labels(calibrated if self.cfg.teacher.calibrate else raw)
+        table = pa.table(
+            {
+                "id": parts["id"],
+                "text": parts["text"],
+                "gold": parts["gold"],
+                "source": parts["source"],
+                "probs_raw": parts["probs_raw"],
+                "probs_calibrated": pa.array(calibrated.astype(np.float32).tolist(), type=pa.list_(pa.float32())),
+                "label": pa.array([label_names[i] for i in chosen], type=pa.string()),
+                "label_index": pa.array(chosen, type=pa.int32()),
+                "confidence": pa.array(confidence, type=pa.float32()),
+                "label_mass": parts["label_mass"],
+                "truncated": parts["truncated"],
+                "fingerprint": pa.array([fingerprint] * parts.num_rows, type=pa.string()),
+            },
+            schema=LABELS_SCHEMA,
+        )
+        return table, prior
+
+    @staticmethod
+    def _duplicates_as_rejects(parts: pa.Table | None, rows: list[int], first_of_id: dict[str, int]) -> pa.Table:
+        if not rows:
+            return _empty_rejects()
+        taken = parts.take(rows)
+        first_sources = parts["source"].to_pylist()
+        reasons = [f"duplicate id (same as {first_sources[first_of_id[i]]})" for i in taken["id"].to_pylist()]
+        return pa.table(
+            {"id": taken["id"], "text": taken["text"], "source": taken["source"], "reject_reason": pa.array(reasons)}
+        )
+
+    def _read_all(self, sub: str) -> pa.Table | None:
+        files = self._part_files(sub)
+        if not files:
+            return None
+        return pa.concat_tables(pq.read_table(path, filesystem=self.fs) for path in files)
+
+    def _write_manifest(self, prior: np.ndarray | None, summary: StoreSummary) -> None:
+        manifest = {
+            "teacher_fingerprint": teacher_fingerprint(self.cfg),
+            "label_fingerprint": label_fingerprint(self.cfg),
+            "model": model_identity(self.cfg.teacher.model),
+            "task": self.cfg.task.model_dump(),
+            "calibrate": self.cfg.teacher.calibrate,
+            "label_prior": None if prior is None else dict(zip(self.cfg.task.label_names, prior.tolist())),
+            "counts": asdict(summary),
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        with self.fs.open_output_stream(f"{self.root}/manifest.json") as stream:
+            stream.write(json.dumps(manifest, indent=2).encode())
+
+
+def _empty_rejects() -> pa.Table:
+    return pa.table({name: pa.array([], type=pa.string()) for name in ("id", "text", "source", "reject_reason")})
+
+
+def _as_uri(path: str) -> str:
+    import os
+
+    return path if "://" in path else os.path.abspath(path)
+
+
+def read_labels(cfg: Config) -> pa.Table:
+    """The consolidated pseudo-labels for this config (run ``llkd label`` first)."""
+    store = PseudoLabelStore(cfg)
+    return pq.read_table(f"{store.root}/labels.parquet", filesystem=store.fs)

@@ -1,0 +1,29 @@
+"""Connecting to Ray: an existing cluster when one is named (or RAY_ADDRESS is set), else a local one."""
+from __future__ import annotations
+
+import os
+
+from llkd_ray.config import RayConfig
+
+# Forwarded to every worker so actors on other nodes see the same offline/cache settings as the driver.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "LLKD_CACHE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "DS_ACCELERATOR")
+
+
+def init_ray(cfg: RayConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        return
+    # Ray 2.60 turns token auth on by default; a cluster this process starts for itself needs none.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        include_dashboard=False,
+        object_store_memory=cfg.object_store_memory_mb * 2**20 if cfg.object_store_memory_mb else None,
+        runtime_env={"env_vars": env_vars},
+    )

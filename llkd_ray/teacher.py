@@ -1,0 +1,120 @@
+"""The teacher: texts in, label distributions out; and the Ray Data actor that runs it over a corpus."""
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from llkd_ray.config import Config, TaskConfig, TeacherConfig
+from llkd_ray.label_scoring import label_log_scores, normalize_scores
+from llkd_ray.prompts import build_verbalizer, render_prompt
+
+SCORED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),
+        ("gold", pa.string()),
+        ("source", pa.string()),
+        ("reject_reason", pa.string()),
+        ("probs_raw", pa.list_(pa.float32())),
+        ("label_mass", pa.float32()),
+        ("truncated", pa.bool_()),
+    ]
+)
+
+
+class Teacher:
+    """Builds prompts, truncates over-long texts and turns backend log-probs into label distributions."""
+
+    def __init__(self, task: TaskConfig, cfg: TeacherConfig, model_dir: Path):
+        from transformers import AutoTokenizer
+
+        from llkd_ray.teacher_backends import make_backend
+
+        self.task = task
+        self.cfg = cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.verbalizer = build_verbalizer(task, self.tokenizer)
+        longest = len(self.encode(["x"])[0]) + cfg.max_text_tokens
+        longest += max(len(ids) for _, ids in self.verbalizer.variants)
+        if cfg.backend == "vllm" and longest > cfg.vllm.max_model_len:
+            raise ValueError(
+                f"teacher.vllm.max_model_len={cfg.vllm.max_model_len} is too small for prompts of up to {longest}"
+                f" tokens (teacher.max_text_tokens={cfg.max_text_tokens} plus the prompt); raise it or lower"
+                " teacher.max_text_tokens"
+            )
+        self.backend = make_backend(model_dir, cfg)
+
+    def truncate(self, text: str) -> tuple[str, bool]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= self.cfg.max_text_tokens:
+            return text, False
+        return self.tokenizer.decode(ids[: self.cfg.max_text_tokens]), True
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        prompts = [render_prompt(self.task, text, self.tokenizer) for text in texts]
+        # The chat template already spells out BOS and the special tokens it needs.
+        add_special = self.task.prompt_style == "plain"
+        return [self.tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts]
+
+    def score(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(raw label distribution [n, labels], label mass [n], truncated [n]) for already-validated texts."""
+        truncated_texts, flags = zip(*(self.truncate(text) for text in texts)) if texts else ((), ())
+        prompts = self.encode(list(truncated_texts))
+        verbalizer = self.verbalizer
+        first = self.backend.next_token_logprobs(prompts, verbalizer.single_token_ids)
+        rest = self.backend.continuation_logprobs(prompts, verbalizer.multi_token_continuations)
+        probs, mass = normalize_scores(label_log_scores(verbalizer, first, rest))
+        return probs, mass, np.array(flags, dtype=bool)
+
+
+class TeacherActor:
+    """Ray Data ``map_batches`` actor: scores usable rows, passes rejected rows through with their reason.
+
+    A batch that fails as a whole is retried row by row, so one bad row is rejected with the error and the
+    rest of the batch is still labeled; an actor never dies because of its input.
+    """
+
+    def __init__(self, config: Config):
+        from llkd_ray.model_sources import resolve_model
+
+        if config.teacher.torch_threads:
+            import torch
+
+            torch.set_num_threads(config.teacher.torch_threads)
+        self.teacher = Teacher(config.task, config.teacher, resolve_model(config.teacher.model))
+        self.num_labels = len(config.task.labels)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        usable = [i for i, row in enumerate(rows) if row["reject_reason"] is None]
+        probs = np.full((len(rows), self.num_labels), np.nan)
+        mass = np.full(len(rows), np.nan)
+        truncated = np.zeros(len(rows), dtype=bool)
+        try:
+            scored = self.teacher.score([rows[i]["text"] for i in usable])
+            for column, target in zip(scored, (probs, mass, truncated)):
+                target[usable] = column
+        except Exception:  # isolate the failing row(s): score one at a time
+            for i in usable:
+                try:
+                    row_probs, row_mass, row_truncated = self.teacher.score([rows[i]["text"]])
+                    probs[i], mass[i], truncated[i] = row_probs[0], row_mass[0], row_truncated[0]
+                except Exception as error:
+                    rows[i]["reject_reason"] = f"teacher error: {type(error).__name__}: {error}"[:500]
+                    traceback.print_exc()
+        for i, row in enumerate(rows):
+            ok = row["reject_reason"] is None
+            row["probs_raw"] = probs[i].astype(np.float32).tolist() if ok else None
+            row["label_mass"] = float(mass[i]) if ok else None
+            row["truncated"] = bool(truncated[i])
+        return pa.Table.from_pylist(rows, schema=SCORED_SCHEMA)
+
+
+def actor_environment() -> dict:
+    """Environment for teacher actors: vLLM on CPU needs a KV-cache size it can actually get."""
+    keys = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "HF_HUB_OFFLINE", "LLKD_CACHE", "DS_ACCELERATOR")
+    return {key: os.environ[key] for key in keys if key in os.environ}
