@@ -103,7 +103,8 @@ class VLLMOptions(_Section):
     tensor_parallel_size: int = Field(default=1, ge=1)
     max_model_len: int = Field(default=1024, gt=0)
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
-    enforce_eager: bool = False
+    # None: eager on CPU (torch.compile costs ~80 s of start-up for ~5% throughput), CUDA graphs on GPU.
+    enforce_eager: Optional[bool] = None
     cpu_kvcache_space_gib: int = Field(default=1, ge=1)  # VLLM_CPU_KVCACHE_SPACE
     engine_kwargs: dict[str, Any] = {}  # passed straight to vllm.LLM
 
@@ -115,16 +116,22 @@ class TeacherConfig(_Section):
     backend: Literal["vllm", "transformers"] = "vllm"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on CPU, bfloat16 on GPU
     num_actors: int = Field(default=1, ge=1)
+    max_actors: Optional[int] = Field(default=None, ge=1)  # set to autoscale the pool from num_actors up to this
     num_cpus: float = Field(default=1.0, gt=0)  # fractional CPUs keep room for read tasks on small machines
     num_gpus: float = Field(default=0.0, ge=0)
     accelerator_type: Optional[str] = None  # e.g. "L4", "H100": places actors on nodes of that type
     resources: dict[str, float] = {}  # custom Ray resources, e.g. {"teacher_node": 1}
     torch_threads: Optional[int] = Field(default=None, gt=0)  # None: every core the actor's node offers
-    batch_size: int = Field(default=64, gt=0)
+    batch_size: int = Field(default=256, gt=0)  # prompts per actor call: vLLM schedules a whole batch at once
     max_text_tokens: int = Field(default=256, gt=0)  # longer texts are truncated and flagged
     calibrate: bool = True  # divide by the corpus label prior, renormalise (no gold labels used)
-    max_actor_restarts: int = Field(default=3, ge=0)
     vllm: VLLMOptions = VLLMOptions()
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> "TeacherConfig":
+        if self.max_actors is not None and self.max_actors < self.num_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) is below num_actors ({self.num_actors})")
+        return self
 
 
 class StoreConfig(_Section):
@@ -132,6 +139,54 @@ class StoreConfig(_Section):
 
     path: str = "runs/pseudo_labels"
     rows_per_part: int = Field(default=256, gt=0)  # rows per committed Parquet part: the unit lost on a crash
+
+
+class StudentConfig(_Section):
+    """The small classifier that learns from the teacher."""
+
+    model: str = "minilm-l6"  # built-in name, local HF directory or hub id of an encoder
+    max_length: int = Field(default=128, gt=0)
+
+
+class SelectionConfig(_Section):
+    """Which pseudo-labeled samples the student trains on each epoch (formulas in llkd_ray/selection.py)."""
+
+    strategy: Literal["llkd", "all", "random", "teacher_confidence", "student_uncertainty", "fixed_ratio"] = "llkd"
+    momentum: float = Field(default=0.9, ge=0, lt=1)  # λ of the threshold moving averages
+    warmup_epochs: int = Field(default=0, ge=0)  # epochs that use the teacher criterion only
+    fraction: float = Field(default=0.3, gt=0, le=1)  # fixed_ratio: fraction of each class kept
+    teacher_confidence_threshold: Optional[float] = Field(default=None, ge=0, le=1)  # teacher_confidence baseline
+    seed: int = 0
+
+
+class TrainingConfig(_Section):
+    """Ray Train: the student's distributed training loop."""
+
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: int = Field(default=2, ge=0, le=3)  # DeepSpeed ZeRO stage
+    num_workers: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)  # > 0 trains on GPUs (bf16 with DeepSpeed)
+    accelerator_type: Optional[str] = None
+    resources_per_worker: dict[str, float] = {}
+    epochs: int = Field(default=6, ge=1)
+    batch_size: int = Field(default=32, gt=0)  # per worker
+    learning_rate: float = Field(default=5e-5, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    seed: int = 0
+    storage_path: str = "runs/ray_results"  # Ray Train storage: local path or s3://, gs://, a shared mount
+    max_failures: int = Field(default=1, ge=0)  # worker-group restarts from the latest checkpoint
+
+
+class EvaluationConfig(_Section):
+    # Rows of the pseudo-labeled store, chosen by id hash, held out from training and scored against gold
+    # labels (only rows that have one). 0: evaluate nothing.
+    holdout: int = Field(default=500, ge=0)
+
+
+class OutputConfig(_Section):
+    name: str = "llkd-default"  # the run directory is <dir>/<name>; re-running the same name resumes
+    dir: str = "runs"
 
 
 class RayConfig(_Section):
@@ -145,6 +200,11 @@ class Config(_Section):
     task: TaskConfig
     teacher: TeacherConfig = TeacherConfig()
     store: StoreConfig = StoreConfig()
+    student: StudentConfig = StudentConfig()
+    selection: SelectionConfig = SelectionConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()
 
 

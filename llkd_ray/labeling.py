@@ -16,20 +16,29 @@ from llkd_ray.ray_session import init_ray
 from llkd_ray.teacher import TeacherActor
 
 
-def teacher_remote_args(cfg: Config) -> dict:
-    """Where teacher actors may run: CPUs/GPUs, an accelerator type or custom resources, all from config."""
+def teacher_placement(cfg: Config) -> dict:
+    """Where teacher actors may run: CPUs/GPUs, an accelerator type or custom resources, all from config.
+
+    Ray Data already restarts a dead actor and retries its tasks (max_restarts=-1), so a lost node costs
+    time, not rows.
+    """
     teacher = cfg.teacher
-    args = {
-        "num_cpus": teacher.num_cpus,
-        "num_gpus": teacher.num_gpus * teacher.vllm.tensor_parallel_size if teacher.backend == "vllm" else teacher.num_gpus,
-        "max_restarts": teacher.max_actor_restarts,
-        "max_task_retries": teacher.max_actor_restarts,
-    }
+    gpus_per_engine = teacher.num_gpus * (teacher.vllm.tensor_parallel_size if teacher.backend == "vllm" else 1)
+    placement = {"num_cpus": teacher.num_cpus, "num_gpus": gpus_per_engine or None}
     if teacher.resources:
-        args["resources"] = dict(teacher.resources)
+        placement["resources"] = dict(teacher.resources)
     if teacher.accelerator_type:
-        args["accelerator_type"] = teacher.accelerator_type
-    return args
+        placement["accelerator_type"] = teacher.accelerator_type
+    return placement
+
+
+def teacher_pool(cfg: Config):
+    """A fixed pool of ``num_actors``, or one that autoscales up to ``max_actors`` (cloud GPU clusters)."""
+    from ray.data import ActorPoolStrategy
+
+    if cfg.teacher.max_actors:
+        return ActorPoolStrategy(min_size=cfg.teacher.num_actors, max_size=cfg.teacher.max_actors)
+    return ActorPoolStrategy(size=cfg.teacher.num_actors)
 
 
 def _skip_stored(batch: pa.Table, stored: set[str]) -> pa.Table:
@@ -38,9 +47,6 @@ def _skip_stored(batch: pa.Table, stored: set[str]) -> pa.Table:
 
 def run_labeling(cfg: Config) -> StoreSummary:
     """Label every corpus row the store does not hold yet, then consolidate the store."""
-    import ray.data
-    from ray.data import ActorPoolStrategy
-
     init_ray(cfg.ray)
     store = PseudoLabelStore(cfg)
     stored = store.stored_sources()
@@ -49,14 +55,13 @@ def run_labeling(cfg: Config) -> StoreSummary:
     ds = read_corpus(cfg.corpus)
     if stored:
         ds = ds.map_batches(_skip_stored, fn_kwargs={"stored": stored}, batch_format="pyarrow")
-    remote_args = teacher_remote_args(cfg)
     ds = ds.map_batches(
         TeacherActor,
         fn_constructor_kwargs={"config": cfg},
         batch_size=cfg.teacher.batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=cfg.teacher.num_actors),
-        **remote_args,
+        compute=teacher_pool(cfg),
+        **teacher_placement(cfg),
     )
     labeled = rejected = 0
     with tqdm(desc="teacher", unit="row", dynamic_ncols=True) as progress:

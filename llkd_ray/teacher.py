@@ -1,7 +1,6 @@
 """The teacher: texts in, label distributions out; and the Ray Data actor that runs it over a corpus."""
 from __future__ import annotations
 
-import os
 import traceback
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pyarrow as pa
 from llkd_ray.config import Config, TaskConfig, TeacherConfig
 from llkd_ray.label_scoring import label_log_scores, normalize_scores
 from llkd_ray.prompts import build_verbalizer, render_prompt
+from llkd_ray.teacher_backends import TeacherBackend
 
 SCORED_SCHEMA = pa.schema(
     [
@@ -29,7 +29,8 @@ SCORED_SCHEMA = pa.schema(
 class Teacher:
     """Builds prompts, truncates over-long texts and turns backend log-probs into label distributions."""
 
-    def __init__(self, task: TaskConfig, cfg: TeacherConfig, model_dir: Path):
+    def __init__(self, task: TaskConfig, cfg: TeacherConfig, model_dir: Path, backend: TeacherBackend | None = None):
+        """``backend`` lets several tasks share one loaded engine; by default one is built from ``cfg``."""
         from transformers import AutoTokenizer
 
         from llkd_ray.teacher_backends import make_backend
@@ -46,7 +47,7 @@ class Teacher:
                 f" tokens (teacher.max_text_tokens={cfg.max_text_tokens} plus the prompt); raise it or lower"
                 " teacher.max_text_tokens"
             )
-        self.backend = make_backend(model_dir, cfg)
+        self.backend = backend or make_backend(model_dir, cfg)
 
     def truncate(self, text: str) -> tuple[str, bool]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -112,9 +113,3 @@ class TeacherActor:
             row["label_mass"] = float(mass[i]) if ok else None
             row["truncated"] = bool(truncated[i])
         return pa.Table.from_pylist(rows, schema=SCORED_SCHEMA)
-
-
-def actor_environment() -> dict:
-    """Environment for teacher actors: vLLM on CPU needs a KV-cache size it can actually get."""
-    keys = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "HF_HUB_OFFLINE", "LLKD_CACHE", "DS_ACCELERATOR")
-    return {key: os.environ[key] for key in keys if key in os.environ}

@@ -64,7 +64,7 @@ class VLLMBackend:
             enable_prefix_caching=options.enable_prefix_caching,
             tensor_parallel_size=options.tensor_parallel_size,
             max_model_len=options.max_model_len,
-            enforce_eager=options.enforce_eager,
+            enforce_eager=not has_cuda() if options.enforce_eager is None else options.enforce_eager,
             seed=0,
         )
         if has_cuda():

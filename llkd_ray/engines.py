@@ -1,0 +1,109 @@
+"""The two ways a student's weights are updated: DeepSpeed (ZeRO 0-3) and PyTorch DDP.
+
+Both expose the same five operations to the training loop, so the loop itself has no strategy branches.
+The device is configuration: CPU here (DeepSpeed's CPU accelerator over gloo, fp32), GPUs on a cluster (bf16).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from llkd_ray.config import TrainingConfig
+
+DDP_STATE = "ddp_state.pt"
+
+
+class DeepSpeedEngine:
+    def __init__(self, network, cfg: TrainingConfig, device: torch.device):
+        # Must be set before deepspeed is imported: without a GPU it would otherwise probe for CUDA.
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+        import deepspeed
+
+        self.zero_stage = cfg.zero_stage
+        config = {
+            "train_micro_batch_size_per_gpu": cfg.batch_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": 1.0,
+            # torch_adam: use torch's AdamW rather than compiling DeepSpeed's fused/CPU Adam ops.
+            "optimizer": {"type": "AdamW", "params": {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay,
+                                                      "torch_adam": True}},
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "bf16": {"enabled": device.type == "cuda"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        # dist_init_required=False: reuse the process group Ray Train already set up.
+        self.engine, *_ = deepspeed.initialize(model=network, model_parameters=network.parameters(), config=config,
+                                               dist_init_required=False)
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        return self.engine(**batch).logits.float()
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def save(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory, tag="state")  # every rank writes its own shard
+
+    def load(self, directory: str) -> None:
+        self.engine.load_checkpoint(directory, tag="state")
+
+    def full_state_dict(self) -> dict | None:
+        """The complete weights on rank 0 (every rank must call: ZeRO-3 gathers the shards)."""
+        if self.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return self.engine.module.state_dict()
+
+    @property
+    def module(self):
+        return self.engine.module
+
+
+class DDPEngine:
+    def __init__(self, network, cfg: TrainingConfig, device: torch.device):
+        import ray.train.torch
+
+        self.model = ray.train.torch.prepare_model(network)  # moves to the device; DDP when world size > 1
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
+                                           weight_decay=cfg.weight_decay)
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        return self.model(**batch).logits.float()
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def save(self, directory: str) -> None:
+        import ray.train
+
+        if ray.train.get_context().get_world_rank() == 0:  # replicas are identical: one copy is enough
+            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+                       Path(directory) / DDP_STATE)
+
+    def load(self, directory: str) -> None:
+        state = torch.load(Path(directory) / DDP_STATE, map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def full_state_dict(self) -> dict | None:
+        return self.module.state_dict()
+
+    @property
+    def module(self):
+        return getattr(self.model, "module", self.model)
+
+
+def make_engine(network, cfg: TrainingConfig, device: torch.device):
+    return (DeepSpeedEngine if cfg.strategy == "deepspeed" else DDPEngine)(network, cfg, device)

@@ -1,0 +1,57 @@
+"""The student: any encoder ``AutoModelForSequenceClassification`` loads, with the task's label map.
+
+This module knows nothing of Ray; training wires it up in ``training.py``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+STUDENT_METADATA = "llkd_student.json"
+
+
+def load_student(model: str, label_names: list[str], seed: int = 0):
+    """(model, tokenizer) with a fresh classification head sized for ``label_names``; seeded so every worker
+    (and a rerun) starts from the same weights."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from llkd_ray.model_sources import resolve_model
+
+    path = resolve_model(model)
+    torch.manual_seed(seed)
+    network = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+        ignore_mismatched_sizes=True,  # a checkpoint trained on another label set gets a new head
+    )
+    return network, AutoTokenizer.from_pretrained(path)
+
+
+def export_student(network, tokenizer, directory: Path, metadata: dict, state_dict=None) -> Path:
+    """Save weights, tokenizer and label map in HF format (``from_pretrained`` loads it), plus run metadata."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    network.save_pretrained(directory, state_dict=state_dict)
+    tokenizer.save_pretrained(directory)
+    (directory / STUDENT_METADATA).write_text(json.dumps(metadata, indent=2, default=str))
+    return directory
+
+
+def predict_probs(network, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities [n, L] for texts, in order (eval mode, no gradients)."""
+    import torch
+
+    device = next(network.parameters()).device
+    network.eval()
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
+                              max_length=max_length, return_tensors="pt").to(device)
+            outputs.append(torch.softmax(network(**batch).logits.float(), dim=-1).cpu().numpy())
+    return np.concatenate(outputs) if outputs else np.zeros((0, network.config.num_labels))

@@ -1,0 +1,336 @@
+"""The train stage: Ray Train workers run one loop, with a distributed score-and-select step every epoch.
+
+Each epoch, on every worker:
+  1. score its shard of the pool with the current student (no gradients);
+  2. all-gather the pool's scores, so every worker computes the same thresholds and the same selection
+     (which therefore does not depend on the number of workers);
+  3. train on the selected samples of its own shard with the LLKD weights (workers take equal step counts,
+     cycling their samples, as DDP and ZeRO collectives require);
+  4. evaluate on its shard of the gold-labelled holdout, and report metrics with a checkpoint.
+The final checkpoint also carries the student exported in Hugging Face format (ZeRO-3 shards gathered first).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from llkd_ray.config import Config
+
+STATE_FILE = "llkd_state.json"
+STUDENT_DIR = "student"
+FAIL_ONCE_ENV = "LLKD_FAIL_ONCE_AT_EPOCH"  # fault injection for tests: "<epoch>:<marker file>"
+# Scores are rounded before selection so float noise from different batch shapes (1 vs N workers) cannot
+# move a sample across a threshold.
+SCORE_DECIMALS = 6
+
+
+# ---- driver side ------------------------------------------------------------------------------------------------
+def split_pool_and_holdout(labels: pa.Table, cfg: Config) -> tuple[pa.Table, pa.Table]:
+    """(pool, holdout): the holdout is ``evaluation.holdout`` gold-labelled rows chosen by id hash; the pool
+    is every other row, with the teacher's distribution (calibrated if configured) and label."""
+    import hashlib
+
+    names = cfg.task.label_names
+    probs_column = "probs_calibrated" if cfg.teacher.calibrate else "probs_raw"
+    rows = labels.select(["id", "text", "gold", probs_column, "label_index"]).to_pylist()
+    rows.sort(key=lambda row: hashlib.sha256(row["id"].encode()).hexdigest())
+    holdout, pool = [], []
+    for row in rows:
+        gold_ok = row["gold"] in names
+        (holdout if gold_ok and len(holdout) < cfg.evaluation.holdout else pool).append(row)
+    pool_table = pa.table({
+        "pool_index": pa.array(range(len(pool)), type=pa.int64()),
+        "id": [r["id"] for r in pool],
+        "text": [r["text"] for r in pool],
+        "teacher_probs": pa.array([r[probs_column] for r in pool], type=pa.list_(pa.float32())),
+        "teacher_label": pa.array([r["label_index"] for r in pool], type=pa.int32()),
+        "gold_index": pa.array([names.index(r["gold"]) if r["gold"] in names else -1 for r in pool], type=pa.int32()),
+    })
+    holdout_table = pa.table({
+        "id": [r["id"] for r in holdout],
+        "text": [r["text"] for r in holdout],
+        "gold_index": pa.array([names.index(r["gold"]) for r in holdout], type=pa.int32()),
+        "teacher_probs": pa.array([r[probs_column] for r in holdout], type=pa.list_(pa.float32())),
+    })
+    return pool_table, holdout_table
+
+
+def _padded_for_equal_split(table: pa.Table, workers: int, index_column: str) -> pa.Table:
+    """Ray Train splits datasets with equal=True, which drops rows unless the count divides evenly: pad with
+    sentinel rows (index -1) that workers skip."""
+    missing = (-table.num_rows) % workers
+    if not missing:
+        return table
+    filler = {name: pa.nulls(missing, type=table.schema.field(name).type) for name in table.column_names}
+    filler[index_column] = pa.array([-1] * missing, type=table.schema.field(index_column).type)
+    return pa.concat_tables([table, pa.table(filler, schema=table.schema)])
+
+
+@dataclass
+class TrainResult:
+    student_dir: Path
+    history: list[dict]
+    used_pool_indices: list[int]
+    checkpoint_path: str
+
+
+def train_student(cfg: Config, pool: pa.Table, holdout: pa.Table, run_dir: Path) -> TrainResult:
+    """Run the Ray Train job and copy the exported student into ``run_dir/student``."""
+    import ray.data
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    training = cfg.training
+    workers = training.num_workers
+    holdout = holdout.append_column("holdout_index", pa.array(range(holdout.num_rows), type=pa.int64()))
+    resources = {"CPU": training.cpus_per_worker, **training.resources_per_worker}
+    if training.gpus_per_worker:
+        resources["GPU"] = training.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "pool_size": pool.num_rows},
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=training.gpus_per_worker > 0,
+            resources_per_worker=resources,
+            accelerator_type=training.accelerator_type,
+        ),
+        run_config=RunConfig(
+            name=cfg.output.name,
+            storage_path=training.storage_path if "://" in training.storage_path else os.path.abspath(training.storage_path),
+            failure_config=FailureConfig(max_failures=training.max_failures),
+        ),
+        datasets={
+            "pool": ray.data.from_arrow(_padded_for_equal_split(pool, workers, "pool_index")),
+            "holdout": ray.data.from_arrow(_padded_for_equal_split(holdout, workers, "holdout_index")),
+        },
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training produced no checkpoint: {result.error}")
+    student_dir = Path(run_dir) / STUDENT_DIR
+    with result.checkpoint.as_directory() as directory:
+        state = json.loads((Path(directory) / STATE_FILE).read_text())
+        if student_dir.exists():
+            shutil.rmtree(student_dir)
+        shutil.copytree(Path(directory) / STUDENT_DIR, student_dir)
+    return TrainResult(student_dir, state["history"], state["used"], result.checkpoint.path)
+
+
+# ---- worker side ------------------------------------------------------------------------------------------------
+def _columns(shard, names: list[str], index_column: str) -> dict[str, list]:
+    """Read a worker's dataset shard once into columns, skipping the padding rows."""
+    columns: dict[str, list] = {name: [] for name in names}
+    for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
+        keep = [i for i, index in enumerate(batch[index_column].to_pylist()) if index >= 0]
+        for name in names:
+            values = batch[name].to_pylist()
+            columns[name].extend(values[i] for i in keep)
+    return columns
+
+
+class _Collective:
+    """The few collectives the loop needs, on Ray Train's process group."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+
+    def max(self, value: int) -> int:
+        import torch
+
+        tensor = torch.tensor([value], dtype=torch.long)
+        self.dist.all_reduce(tensor, op=self.dist.ReduceOp.MAX)
+        return int(tensor.item())
+
+    def gather(self, obj) -> list:
+        gathered = [None] * self.dist.get_world_size()
+        self.dist.all_gather_object(gathered, obj)
+        return gathered
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def _score(engine, encode, texts: list[str], batch_size: int, collective: _Collective, num_labels: int) -> np.ndarray:
+    """Student probabilities for ``texts``; every worker runs the same number of forwards (collectives inside)."""
+    import torch
+
+    batches = _chunks(texts, batch_size)
+    steps = collective.max(len(batches))
+    outputs = []
+    engine.train(False)
+    with torch.no_grad():
+        for step in range(steps):
+            batch = batches[step] if step < len(batches) else ["."]  # a throwaway forward keeps ranks in step
+            probs = torch.softmax(engine.logits(encode(batch)), dim=-1).cpu().numpy()
+            if step < len(batches):
+                outputs.append(probs)
+    return np.concatenate(outputs) if outputs else np.zeros((0, num_labels))
+
+
+def _train_pass(engine, encode, texts, labels, weights, positions, cfg: Config, rng, collective) -> float:
+    """One pass over this worker's selected samples; returns the mean loss of its real steps."""
+    import torch
+    import torch.nn.functional as F
+
+    batches = _chunks(list(rng.permutation(positions)), cfg.training.batch_size)
+    steps = collective.max(len(batches))
+    engine.train(True)
+    losses = []
+    for step in range(steps):
+        if batches:
+            index = batches[step % len(batches)]  # a worker with fewer samples cycles through them again
+            scale = torch.tensor(weights[index], dtype=torch.float32)
+            batch_texts, targets = [texts[i] for i in index], torch.tensor(labels[index], dtype=torch.long)
+        else:  # nothing selected here: a zero-weight step keeps the gradient all-reduce in step
+            batch_texts, targets, scale = ["."], torch.zeros(1, dtype=torch.long), torch.zeros(1)
+        logits = engine.logits(encode(batch_texts))
+        per_sample = F.cross_entropy(logits, targets.to(logits.device), reduction="none")
+        loss = (scale.to(logits.device) * per_sample).sum() / len(batch_texts)
+        engine.step(loss)
+        if batches and step < len(batches):
+            losses.append(float(loss.detach()))
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def _maybe_fail(epoch: int, rank: int) -> None:
+    """Fault injection for the resume test: kill this worker process once, at the given epoch."""
+    spec = os.environ.get(FAIL_ONCE_ENV)
+    if not spec or rank != 0:
+        return
+    fail_epoch, marker = spec.split(":", 1)
+    if int(fail_epoch) == epoch and not os.path.exists(marker):
+        Path(marker).write_text("failed once")
+        os._exit(1)
+
+
+def train_loop(loop_config: dict) -> None:
+    """The per-worker training function (Ray Train calls it on every worker)."""
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    from llkd_ray.engines import make_engine
+    from llkd_ray.metrics import classification_report
+    from llkd_ray.selection import PoolScores, ThresholdState, select
+    from llkd_ray.student import export_student, load_student
+
+    cfg: Config = loop_config["cfg"]
+    pool_size: int = loop_config["pool_size"]
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    collective = _Collective()
+    names = cfg.task.label_names
+    device = ray.train.torch.get_device()
+
+    pool = _columns(ray.train.get_dataset_shard("pool"), ["pool_index", "text", "teacher_probs", "teacher_label"],
+                    "pool_index")
+    holdout = _columns(ray.train.get_dataset_shard("holdout"), ["holdout_index", "text", "gold_index"],
+                       "holdout_index")
+    texts, labels = pool["text"], np.asarray(pool["teacher_label"], dtype=np.int64)
+    local_index = np.asarray(pool["pool_index"], dtype=np.int64)
+
+    network, tokenizer = load_student(cfg.student.model, names, seed=cfg.training.seed)
+    engine = make_engine(network, cfg.training, device)
+
+    def encode(batch: list[str]) -> dict:
+        encoded = tokenizer(batch, padding=True, truncation=True, max_length=cfg.student.max_length,
+                            return_tensors="pt")
+        return {key: value.to(device) for key, value in encoded.items()}
+
+    # Teacher side of the pool, gathered once: it does not change between epochs.
+    teacher_parts = collective.gather((local_index, np.asarray(pool["teacher_probs"], dtype=np.float64), labels))
+    order_index = np.concatenate([part[0] for part in teacher_parts])
+    order = np.argsort(order_index)
+    if len(order) != pool_size or not np.array_equal(order_index[order], np.arange(pool_size)):
+        raise RuntimeError(f"pool shards do not cover the pool exactly ({len(order)} rows for {pool_size})")
+    teacher_probs = np.concatenate([part[1] for part in teacher_parts])[order]
+    teacher_labels = np.concatenate([part[2] for part in teacher_parts])[order]
+
+    thresholds, history, used, start_epoch = ThresholdState(), [], np.zeros(pool_size, dtype=bool), 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resuming after a failure or a re-run under the same name
+        with checkpoint.as_directory() as directory:
+            engine.load(directory)
+            saved = json.loads((Path(directory) / STATE_FILE).read_text())
+        thresholds = ThresholdState(**saved["thresholds"])
+        history, start_epoch = saved["history"], saved["epoch"]
+        used[saved["used"]] = True
+        if rank == 0:
+            print(f"[llkd] resumed from checkpoint after epoch {start_epoch}", flush=True)
+
+    for epoch in range(start_epoch + 1, cfg.training.epochs + 1):
+        _maybe_fail(epoch, rank)
+        started = time.time()
+        local_probs = _score(engine, encode, texts, 128, collective, len(names))
+        parts = collective.gather((local_index, local_probs))
+        student_probs = np.concatenate([p[1] for p in parts])[np.argsort(np.concatenate([p[0] for p in parts]))]
+        scores = PoolScores(teacher_probs, teacher_labels, np.round(student_probs, SCORE_DECIMALS))
+        selection = select(
+            cfg.selection.strategy, scores, thresholds,
+            momentum=cfg.selection.momentum,
+            warmup=epoch <= cfg.selection.warmup_epochs,
+            rng=np.random.default_rng([cfg.selection.seed, epoch]),
+            fraction=cfg.selection.fraction,
+            teacher_confidence_threshold=cfg.selection.teacher_confidence_threshold,
+        )
+        used |= selection.mask
+        positions = np.flatnonzero(selection.mask[local_index])
+        loss = _train_pass(engine, encode, texts, labels, selection.weights[local_index], positions, cfg,
+                           np.random.default_rng([cfg.training.seed, epoch, rank]), collective)
+        losses = [value for value in collective.gather(loss) if not np.isnan(value)]
+
+        metrics = {
+            "epoch": epoch,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "selected": int(selection.mask.sum()),
+            "selected_per_class": dict(zip(names, selection.per_class)),
+            "llkd_count": selection.llkd_count,
+            "teacher_thresholds": dict(zip(names, np.round(selection.teacher_thresholds, 4).tolist())),
+            "student_thresholds": dict(zip(names, np.round(selection.student_thresholds, 4).tolist())),
+            "cumulative_used": int(used.sum()),
+            "cumulative_used_fraction": float(used.mean()) if pool_size else 0.0,
+        }
+        holdout_probs = _score(engine, encode, holdout["text"], 128, collective, len(names))
+        gathered = collective.gather((holdout["gold_index"], holdout_probs.argmax(axis=1).tolist()))
+        gold = np.concatenate([np.asarray(g, dtype=np.int64) for g, _ in gathered])
+        predicted = np.concatenate([np.asarray(p, dtype=np.int64) for _, p in gathered])
+        if len(gold):
+            report = classification_report(gold, predicted, names)
+            metrics.update(eval_accuracy=report["accuracy"], eval_macro_f1=report["macro_f1"])
+        metrics["epoch_seconds"] = round(time.time() - started, 2)
+        history.append(metrics)
+
+        final = epoch == cfg.training.epochs
+        with tempfile.TemporaryDirectory() as directory:
+            engine.save(directory)
+            state_dict = engine.full_state_dict() if final else None  # ZeRO-3: a collective on every rank
+            if rank == 0:
+                state = {"epoch": epoch, "thresholds": asdict(thresholds), "history": history,
+                         "used": np.flatnonzero(used).tolist()}
+                Path(directory, STATE_FILE).write_text(json.dumps(state))
+                if final:
+                    export_student(engine.module, tokenizer, Path(directory) / STUDENT_DIR,
+                                   {"labels": names, "epochs": epoch, "selection": cfg.selection.strategy},
+                                   state_dict=state_dict)
+                print(f"[llkd] epoch {epoch}/{cfg.training.epochs}: " + ", ".join(
+                    f"{key}={value}" for key, value in metrics.items() if key not in ("teacher_thresholds",
+                                                                                      "student_thresholds")),
+                      flush=True)
+            has_files = any(Path(directory).iterdir())
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if has_files else None,
+                             checkpoint_dir_name=f"epoch-{epoch:03d}")
+        del state_dict
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -1,0 +1,70 @@
+import pytest
+
+from llkd_ray.cli import main
+from llkd_ray.config import ConfigError, config_from_dict, load_config
+from tests.conftest import SENTIMENT_TASK
+
+
+def test_default_config_loads_and_is_the_embedded_default():
+    cfg = load_config()
+    assert cfg.corpus.source == "builtin:rotten_tomatoes"
+    assert cfg.teacher.model == "gemma-3-270m" and cfg.teacher.backend == "vllm"
+    assert cfg.task.label_names == ["positive", "negative"]
+
+
+def test_overrides_are_parsed_as_yaml_values():
+    cfg = load_config(None, ["teacher.batch_size=8", "teacher.calibrate=false", "teacher.resources={gpu_node: 1}"])
+    assert cfg.teacher.batch_size == 8
+    assert cfg.teacher.calibrate is False
+    assert cfg.teacher.resources == {"gpu_node": 1.0}
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["teacher.batchsize=3"], "teacher.batchsize: unknown key (did you mean 'batch_size'?)"),
+        (["teacher.batch_size=many"], "teacher.batch_size: Input should be a valid integer"),
+        (["teacher.batch_size=0"], "teacher.batch_size: Input should be greater than 0"),
+        (["teacher.backend=onnx"], "teacher.backend: Input should be 'vllm' or 'transformers'"),
+        (["corpus.source=/no/such/corpus.jsonl"], "corpus.source: file or directory not found: /no/such/corpus.jsonl"),
+        (["corpus.source=builtin:imdb"], "corpus.source: unknown builtin corpus 'imdb'"),
+        (["colour=blue"], "colour: unknown key"),
+        (["teacher.vllm.blocksize=32"], "teacher.vllm.blocksize: unknown key (did you mean 'block_size'?)"),
+        (["teacher=3"], "teacher: Input should be a valid dictionary"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert expected in str(error.value)
+
+
+def test_task_checks_labels_and_examples():
+    bad_example = {**SENTIMENT_TASK, "examples": [{"text": "meh", "label": "neutral"}]}
+    with pytest.raises(ConfigError, match=r"task: examples\[0\].label: 'neutral' is not one of the labels"):
+        config_from_dict({"task": bad_example})
+    with pytest.raises(ConfigError, match="duplicate label names"):
+        config_from_dict({"task": {**SENTIMENT_TASK, "labels": [{"name": "a"}, {"name": "a"}], "examples": []}})
+    with pytest.raises(ConfigError, match=r"task.labels: List should have at least 2 items"):
+        config_from_dict({"task": {**SENTIMENT_TASK, "labels": [{"name": "a"}], "examples": []}})
+    with pytest.raises(ConfigError, match=r"task: Field required"):
+        config_from_dict({})
+
+
+def test_missing_or_malformed_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["teacher.batch_size"])
+
+
+def test_cli_reports_config_errors_before_starting_ray(capsys):
+    import ray
+
+    assert main(["label", "teacher.num_actors=-1"]) == 2
+    assert "teacher.num_actors: Input should be greater than or equal to 1" in capsys.readouterr().err
+    assert not ray.is_initialized()

@@ -1,0 +1,92 @@
+"""Corpus readers: every format, hostile rows rejected with a reason, nothing dropped."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llkd_ray.config import CorpusConfig
+from llkd_ray.corpus import content_id, detect_format, load_rotten_tomatoes, parse_file, preflight
+
+
+def rows_of(data: bytes, fmt: str, **cfg):
+    return list(parse_file(data, f"corpus.{fmt}", fmt, CorpusConfig(**cfg)))
+
+
+def test_jsonl_with_hostile_rows():
+    lines = [
+        json.dumps({"text": "fine text", "label": "positive"}),
+        json.dumps({"text": None}),
+        json.dumps({"text": ""}),
+        json.dumps({"text": "   \t"}),
+        json.dumps({"text": 42}),
+        json.dumps({"body": "no text field"}),
+        "{not json",
+        json.dumps(["a", "list"]),
+        "",
+    ]
+    data = "\n".join(lines).encode() + b'\n{"text": "bad \xff\xfe bytes"}\n'
+    rows = rows_of(data, "jsonl", gold_column="label")
+    reasons = [row["reject_reason"] for row in rows]
+    assert reasons[0] is None and rows[0]["gold"] == "positive" and rows[0]["id"] == content_id("fine text")
+    assert reasons[1] == "text is missing (null)"
+    assert reasons[2] == reasons[3] == "text is empty"
+    assert reasons[4] == "text is int, not a string"
+    assert reasons[5] == "no 'text' field"
+    assert reasons[6].startswith("invalid JSON line")
+    assert reasons[7] == "invalid JSON line: a JSON list, not an object"
+    assert reasons[8] == "undecodable bytes (not UTF-8)"
+    assert "\ufffd" in rows[8]["text"]  # shown with replacement characters, storable as UTF-8
+    assert [row["source"] for row in rows] == [f"corpus.jsonl:{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 10)]
+    assert len({row["id"] for row in rows}) == len(rows)  # rejected rows get distinct, stable ids too
+
+
+def test_csv_tsv_and_text_files():
+    csv_rows = rows_of(b'id,text,label\n7,"multi\nline, quoted",negative\n8,,positive\n9,ok,positive,extra\n', "csv",
+                       id_column="id", gold_column="label")
+    assert [(r["id"], r["text"], r["reject_reason"]) for r in csv_rows[:2]] == [
+        ("7", "multi\nline, quoted", None),
+        ("8", "", "text is empty"),
+    ]
+    # A malformed row's fields cannot be trusted, its id included: it gets an id from where it was found.
+    assert csv_rows[2]["reject_reason"] == "malformed row: more fields than the header"
+    assert csv_rows[2]["id"].startswith("reject-") and csv_rows[2]["source"] == "corpus.csv:5"
+    tsv_rows = rows_of(b"text\tlabel\nhello there\tpositive\n", "tsv", gold_column="label")
+    assert tsv_rows[0]["text"] == "hello there" and tsv_rows[0]["gold"] == "positive"
+    text_rows = rows_of(b"first line\n\nthird line\n", "text")
+    assert [r["reject_reason"] for r in text_rows] == [None, "text is empty", None]
+
+
+def test_parquet_with_wrong_types_and_missing_ids(tmp_path):
+    table = pa.table({"doc": ["a text", None, "another"], "key": ["k1", "k2", None]})
+    path = tmp_path / "c.parquet"
+    pq.write_table(table, path)
+    rows = list(parse_file(path.read_bytes(), str(path), "parquet", CorpusConfig(text_column="doc", id_column="key")))
+    assert [(r["id"], r["reject_reason"]) for r in rows] == [
+        ("k1", None), ("k2", "text is missing (null)"), (rows[2]["id"], "id is missing"),
+    ]
+    binary = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"text": pa.array([b"ok bytes", b"\xff\xfe"], type=pa.binary())}), binary)
+    rows = list(parse_file(binary.read_bytes(), str(binary), "parquet", CorpusConfig()))
+    assert rows[0]["text"] == "ok bytes" and rows[0]["reject_reason"] is None
+    assert rows[1]["reject_reason"].startswith("undecodable bytes (not UTF-8: invalid start byte at byte 0)")
+
+
+def test_missing_columns_and_unknown_formats_fail_before_ray(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("body,label\nhi,positive\n")
+    with pytest.raises(ValueError, match=r"has no column 'text' \(columns: \['body', 'label'\]\)"):
+        preflight(str(path), CorpusConfig(source=str(path)))
+    with pytest.raises(ValueError, match="cannot tell the format of data.xml"):
+        detect_format("data.xml", "auto")
+    assert detect_format("x/corpus.jsonl.bz2", "auto") == "jsonl"
+
+
+def test_builtin_rotten_tomatoes_is_real_balanced_and_deterministic():
+    full = load_rotten_tomatoes()
+    assert full.num_rows == 7403 + 5405  # fresh + rotten snippets, plot synopses left out
+    sample = load_rotten_tomatoes(seed=0, limit=400)
+    golds = sample["gold"].to_pylist()
+    assert 150 < golds.count("positive") < 290 and set(golds) == {"positive", "negative"}
+    assert sample["id"].to_pylist() == load_rotten_tomatoes(seed=0, limit=400)["id"].to_pylist()
+    assert sample["id"].to_pylist() != load_rotten_tomatoes(seed=1, limit=400)["id"].to_pylist()

@@ -1,0 +1,64 @@
+"""The label-distribution math against values worked out by hand (fractions in the comments)."""
+import numpy as np
+import pytest
+
+from llkd_ray.label_scoring import calibrate, label_log_scores, label_prior, normalize_scores, pick_labels
+from llkd_ray.prompts import Verbalizer
+
+# Label "a" has two one-token forms (ids 10, 11); label "b" one one-token form (20) and a two-token form (30, 31).
+VERBALIZER = Verbalizer(("a", "b"), ((0, (10,)), (0, (11,)), (1, (20,)), (1, (30, 31))))
+
+
+def test_verbalizer_splits_single_and_multi_token_forms():
+    assert VERBALIZER.single_token_ids == [10, 11, 20]
+    assert VERBALIZER.multi_token_continuations == [(30, 31)]
+
+
+def test_forms_are_summed_per_label_and_restricted_to_the_label_set():
+    # row 0: p(10)=.2 p(11)=.1 p(20)=.3, p(30 31)=.5*.2=.1 → s(a)=.3, s(b)=.4, mass .7, p=(3/7, 4/7)
+    # row 1: p(10)=.6 p(11)=.05 p(20)=.1, p(30 31)=.05       → s(a)=.65, s(b)=.15, mass .8, p=(13/16, 3/16)
+    first = np.log([[0.2, 0.1, 0.3], [0.6, 0.05, 0.1]])
+    rest = np.array([[np.log(0.5) + np.log(0.2)], [np.log(0.05)]])
+    scores = label_log_scores(VERBALIZER, first, rest)
+    np.testing.assert_allclose(np.exp(scores), [[0.3, 0.4], [0.65, 0.15]], rtol=1e-12)
+    probs, mass = normalize_scores(scores)
+    np.testing.assert_allclose(probs, [[3 / 7, 4 / 7], [13 / 16, 3 / 16]], rtol=1e-12)
+    np.testing.assert_allclose(mass, [0.7, 0.8], rtol=1e-12)
+
+
+def test_calibration_divides_out_the_corpus_prior():
+    raw = np.array([[3 / 7, 4 / 7], [13 / 16, 3 / 16]])
+    prior = label_prior(raw)
+    np.testing.assert_allclose(prior, [139 / 224, 85 / 224], rtol=1e-12)
+    calibrated = calibrate(raw, prior)
+    # row 0: (3/7)/(139/224) : (4/7)/(85/224) normalised = 255/811 : 556/811
+    np.testing.assert_allclose(calibrated, [[255 / 811, 556 / 811], [1105 / 1522, 417 / 1522]], rtol=1e-12)
+    labels, confidence = pick_labels(calibrated)
+    assert labels.tolist() == [1, 0]
+    np.testing.assert_allclose(confidence, [556 / 811, 1105 / 1522], rtol=1e-12)
+
+
+def test_calibration_of_a_teacher_that_always_says_the_same_label():
+    raw = np.array([[0.9, 0.1], [0.7, 0.3], [0.8, 0.2]])  # prior (0.8, 0.2): every raw label is "a"
+    labels, _ = pick_labels(raw)
+    assert labels.tolist() == [0, 0, 0]
+    labels, _ = pick_labels(calibrate(raw, label_prior(raw)))
+    # 0.9/0.8 = 1.125 vs 0.1/0.2 = .5 → a;  0.7/0.8 = .875 vs .3/.2 = 1.5 → b;  0.8/0.8 = 1 vs .2/.2 = 1 → tie (a)
+    assert labels.tolist() == [0, 1, 0]
+
+
+def test_a_label_with_no_probability_keeps_none_after_calibration():
+    raw = np.array([[1.0, 0.0], [0.6, 0.4]])
+    calibrated = calibrate(raw, np.array([0.8, 0.0]))
+    assert np.isfinite(calibrated).all()
+    assert calibrated[0].tolist() == pytest.approx([1.0, 0.0])
+
+
+def test_a_label_whose_forms_all_have_zero_probability():
+    verbalizer = Verbalizer(("a", "b"), ((0, (10,)), (1, (20,))))
+    with np.errstate(divide="ignore"):
+        first = np.log(np.array([[0.5, 0.0]]))
+    scores = label_log_scores(verbalizer, first, np.zeros((1, 0)))
+    probs, mass = normalize_scores(scores)
+    np.testing.assert_allclose(probs, [[1.0, 0.0]])
+    np.testing.assert_allclose(mass, [0.5])

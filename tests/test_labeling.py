@@ -1,0 +1,101 @@
+"""The label stage on a real local Ray cluster: hostile input, and a killed run resumed with exact accounting."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from llkd_ray.corpus import load_rotten_tomatoes
+from llkd_ray.labeling import run_labeling
+from llkd_ray.pseudo_label_store import PseudoLabelStore
+from tests.conftest import make_config
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path: Path, records: list, extra_lines: list[bytes] = ()) -> Path:
+    with path.open("wb") as handle:
+        for record in records:
+            handle.write(json.dumps(record).encode() + b"\n")
+        for line in extra_lines:
+            handle.write(line + b"\n")
+    return path
+
+
+def stored_sources(summary_path: str) -> list[str]:
+    labels = pq.read_table(summary_path, columns=["source"])["source"].to_pylist()
+    rejects = pq.read_table(summary_path.replace("labels.parquet", "rejects.parquet"), columns=["source"])
+    return labels + rejects["source"].to_pylist()
+
+
+def test_hostile_rows_are_rejected_and_the_rest_labeled(ray_cluster, tmp_path):
+    texts = load_rotten_tomatoes(seed=5, limit=30).to_pylist()
+    good = [{"text": row["text"], "label": row["gold"]} for row in texts]
+    jsonl = write_jsonl(tmp_path / "reviews.jsonl", good[:20] + [{"text": None}, {"text": 3.5}, {"text": "  "}],
+                        [b"{broken json", b'{"text": "caf\xe9 au lait"}'])
+    csv_path = tmp_path / "more.csv"
+    csv_path.write_text("text,label\n" + "".join(f'"{r["text"]}",{r["label"]}\n' for r in good[20:]) + '"x","y",z\n')
+    cfg = make_config(
+        corpus={"source": [str(jsonl), str(csv_path)], "gold_column": "label", "rows_per_block": 8},
+        teacher={"backend": "transformers", "batch_size": 8},
+        store={"path": str(tmp_path / "store"), "rows_per_part": 8},
+    )
+    summary = run_labeling(cfg)
+    assert (summary.rows, summary.labeled, summary.rejected) == (36, 30, 6)
+    rejects = pq.read_table(summary.labels_path.replace("labels.parquet", "rejects.parquet")).to_pylist()
+    assert sorted(r["reject_reason"].split(" (")[0].split(":")[0] for r in rejects) == [
+        "invalid JSON line", "malformed row", "text is empty", "text is float, not a string",
+        "text is missing", "undecodable bytes",
+    ]
+    labels = pq.read_table(summary.labels_path).to_pylist()
+    assert {row["text"] for row in labels} == {row["text"] for row in good}
+    assert all(abs(sum(row["probs_calibrated"]) - 1) < 1e-5 and row["label"] in ("positive", "negative") for row in labels)
+    assert all(row["confidence"] == max(row["probs_calibrated"]) for row in labels)
+
+
+def test_killed_run_resumes_without_losing_or_duplicating_rows(ray_cluster, tmp_path):
+    rows = load_rotten_tomatoes(seed=7, limit=200).to_pylist()
+    records = [{"text": row["text"], "label": row["gold"]} for row in rows]
+    records += [records[0], records[1], {"text": ""}]  # two duplicate texts and an empty one
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", records)
+    sections = dict(
+        corpus={"source": str(corpus), "gold_column": "label", "rows_per_block": 16},
+        teacher={"batch_size": 8},  # vLLM backend
+        store={"path": str(tmp_path / "store"), "rows_per_part": 8},
+    )
+    cfg = make_config(**sections)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump()))
+
+    # A separate driver process on the same cluster, killed with SIGKILL once some parts are committed.
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    driver = subprocess.Popen([sys.executable, "-m", "llkd_ray.cli", "label", "--config", str(config_file)],
+                              cwd=ROOT, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = PseudoLabelStore(cfg)
+    parts_dir = Path(store.root) / "parts"
+    deadline = time.time() + 600
+    while len(list(parts_dir.glob("part-*.parquet"))) < 3:
+        assert driver.poll() is None, "the first run ended before it could be interrupted"
+        assert time.time() < deadline, "no parts were committed in time"
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    already = PseudoLabelStore(cfg).stored_sources()
+    assert 0 < len(already) < len(records)
+
+    summary = run_labeling(cfg)
+    assert summary.resumed_rows == len(already)
+    assert summary.resumed_rows + summary.labeled_this_run + summary.rejected_this_run == len(records)
+    assert (summary.rows, summary.labeled, summary.rejected, summary.duplicates) == (203, 200, 3, 2)
+    sources = stored_sources(summary.labels_path)
+    assert sorted(sources) == sorted(f"{corpus}:{n}" for n in range(1, len(records) + 1))  # each row exactly once
+    ids = pq.read_table(summary.labels_path, columns=["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 200

@@ -1,0 +1,81 @@
+"""Pseudo-label store: fingerprints, atomic parts, crash leftovers, consolidation and row accounting (no Ray)."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llkd_ray.pseudo_label_store import PseudoLabelStore, label_fingerprint, teacher_fingerprint
+from llkd_ray.teacher import SCORED_SCHEMA
+from tests.conftest import make_config
+
+
+def test_fingerprints_follow_model_prompt_labels_and_calibration():
+    base = make_config()
+    assert teacher_fingerprint(base) == teacher_fingerprint(make_config())
+    changed = {
+        "model": make_config(teacher={"model": "gemma-3-270m"}),
+        "prompt": make_config(task={"instruction": "Is this review positive or negative?"}),
+        "labels": make_config(task={"labels": [{"name": "good"}, {"name": "bad"}], "examples": []}),
+    }
+    for what, cfg in changed.items():
+        assert teacher_fingerprint(cfg) != teacher_fingerprint(base), what
+    uncalibrated = make_config(teacher={"calibrate": False})
+    assert teacher_fingerprint(uncalibrated) == teacher_fingerprint(base)  # same raw scores are reused
+    assert label_fingerprint(uncalibrated) != label_fingerprint(base)
+    # Execution details do not change what the teacher computes.
+    assert teacher_fingerprint(make_config(teacher={"batch_size": 3, "num_actors": 2})) == teacher_fingerprint(base)
+
+
+def scored(rows):
+    full = [
+        {"gold": None, "reject_reason": None, "probs_raw": None, "label_mass": None, "truncated": False} | row
+        for row in rows
+    ]
+    return pa.Table.from_pylist(full, schema=SCORED_SCHEMA)
+
+
+def test_commit_resume_and_finalize_account_for_every_row(tmp_path):
+    cfg = make_config(store={"path": str(tmp_path / "store")})
+    store = PseudoLabelStore(cfg)
+    assert store.stored_sources() == set()
+    assert store.commit(scored([
+        {"id": "a", "text": "A", "source": "f:1", "probs_raw": [0.9, 0.1], "label_mass": 0.8},
+        {"id": "b", "text": "B", "source": "f:2", "probs_raw": [0.6, 0.4], "label_mass": 0.9, "truncated": True},
+        {"id": "x", "text": "", "source": "f:3", "reject_reason": "text is empty"},
+    ])) == (2, 1)
+    assert store.commit(scored([
+        {"id": "a", "text": "A", "source": "f:4", "probs_raw": [0.9, 0.1], "label_mass": 0.8},  # same text again
+        {"id": "c", "text": "C", "source": "f:5", "probs_raw": [0.3, 0.7], "label_mass": 0.7},
+    ])) == (2, 0)
+    # A crash mid-write leaves a truncated file: it is removed and its rows count as not stored.
+    (tmp_path / "store" / f"teacher-{teacher_fingerprint(cfg)}" / "parts" / "part-999-broken.parquet").write_bytes(b"PAR1junk")
+    reopened = PseudoLabelStore(cfg)
+    assert reopened.stored_sources() == {"f:1", "f:2", "f:3", "f:4", "f:5"}
+
+    summary = reopened.finalize()
+    assert (summary.rows, summary.labeled, summary.rejected, summary.duplicates, summary.truncated) == (5, 3, 2, 1, 1)
+    labels = pq.read_table(summary.labels_path).to_pylist()
+    assert [row["id"] for row in labels] == ["a", "b", "c"]
+    prior = np.mean([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]], axis=0)  # (0.6, 0.4)
+    expected_b = np.array([0.6, 0.4]) / prior / (np.array([0.6, 0.4]) / prior).sum()  # (0.5, 0.5): a tie → first
+    np.testing.assert_allclose(labels[1]["probs_calibrated"], expected_b, rtol=1e-6)
+    assert [row["label"] for row in labels] == ["positive", "positive", "negative"]
+    rejects = pq.read_table(summary.labels_path.replace("labels.parquet", "rejects.parquet")).to_pylist()
+    assert sorted(r["reject_reason"] for r in rejects) == ["duplicate id (same as f:1)", "text is empty"]
+    manifest = json.loads((tmp_path / "store" / f"teacher-{teacher_fingerprint(cfg)}" / "manifest.json").read_text())
+    assert list(manifest["label_prior"]) == ["positive", "negative"]
+    np.testing.assert_allclose(list(manifest["label_prior"].values()), [0.6, 0.4])
+    assert manifest["counts"]["rows"] == 5
+
+
+def test_uncalibrated_labels_come_from_the_raw_distribution(tmp_path):
+    cfg = make_config(store={"path": str(tmp_path / "s")}, teacher={"calibrate": False})
+    store = PseudoLabelStore(cfg)
+    store.commit(scored([
+        {"id": "a", "text": "A", "source": "f:1", "probs_raw": [0.9, 0.1], "label_mass": 1.0},
+        {"id": "b", "text": "B", "source": "f:2", "probs_raw": [0.7, 0.3], "label_mass": 1.0},
+    ]))
+    labels = pq.read_table(store.finalize().labels_path).to_pylist()
+    assert [row["label"] for row in labels] == ["positive", "positive"]  # calibrated, b would be negative
+    assert labels[1]["confidence"] == np.float32(0.7)

@@ -1,0 +1,79 @@
+"""The vLLM and transformers backends give the same label distributions on the same real model.
+
+Stated tolerance: 2e-3 absolute on every label probability (both run float32; measured differences ~1e-5).
+"""
+import numpy as np
+import pytest
+
+from llkd_ray.config import TaskConfig
+from llkd_ray.corpus import load_rotten_tomatoes
+from llkd_ray.teacher import Teacher
+from llkd_ray.teacher_backends import TransformersBackend, VLLMBackend
+from tests.conftest import SENTIMENT_TASK, make_config
+
+TOLERANCE = 2e-3
+TOPIC_TASK = {
+    "instruction": "Classify the topic of each news headline.",
+    "labels": [{"name": "world politics"}, {"name": "sports"}, {"name": "science and technology"}],
+    "examples": [{"text": "Parliament passes the new budget", "label": "world politics"}],
+}
+HEADLINES = ["Striker scores twice as United win the derby", "New telescope spots water on a distant planet",
+             "Leaders meet in Geneva for peace talks", "Chip maker unveils faster processor"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def backends(smollm2_dir):
+    cfg = make_config().teacher
+    return {"vllm": VLLMBackend(smollm2_dir, cfg), "transformers": TransformersBackend(smollm2_dir, cfg)}
+
+
+def score_with_both(backends, smollm2_dir, task: dict, texts: list[str], **teacher):
+    cfg = make_config(task=task, teacher=teacher)
+    return {
+        name: Teacher(cfg.task, cfg.teacher, smollm2_dir, backend=backend).score(texts)
+        for name, backend in backends.items()
+    }
+
+
+def test_single_token_labels_agree(backends, smollm2_dir):
+    texts = load_rotten_tomatoes(seed=3, limit=24)["text"].to_pylist()
+    results = score_with_both(backends, smollm2_dir, SENTIMENT_TASK, texts)
+    vllm_probs, vllm_mass, _ = results["vllm"]
+    hf_probs, hf_mass, _ = results["transformers"]
+    assert vllm_probs.shape == (24, 2)
+    np.testing.assert_allclose(vllm_probs.sum(axis=1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(vllm_probs, hf_probs, atol=TOLERANCE)
+    np.testing.assert_allclose(vllm_mass, hf_mass, atol=TOLERANCE)
+    assert ((vllm_mass > 0.1) & (vllm_mass <= 1.0 + 1e-6)).all()  # the teacher does answer with a label
+    assert len(set(vllm_probs.argmax(axis=1))) == 2  # not one label for everything on this sample
+
+
+def test_multi_token_labels_agree_and_are_scored_over_all_tokens(backends, smollm2_dir):
+    results = score_with_both(backends, smollm2_dir, TOPIC_TASK, HEADLINES)
+    np.testing.assert_allclose(results["vllm"][0], results["transformers"][0], atol=TOLERANCE)
+    assert results["vllm"][0][0].argmax() == 1  # the football headline is sports
+
+
+def test_chat_prompts_agree(backends, smollm2_dir):
+    texts = ["An instant classic.", "I walked out after twenty minutes."]
+    results = score_with_both(backends, smollm2_dir, {**SENTIMENT_TASK, "prompt_style": "chat"}, texts)
+    np.testing.assert_allclose(results["vllm"][0], results["transformers"][0], atol=TOLERANCE)
+
+
+def test_over_long_texts_are_truncated_and_flagged(backends, smollm2_dir):
+    cfg = make_config(teacher={"max_text_tokens": 16})
+    teacher = Teacher(cfg.task, cfg.teacher, smollm2_dir, backend=backends["transformers"])
+    long_text = "This film is a delight from start to finish. " * 40
+    truncated, flagged = teacher.truncate(long_text)
+    assert flagged and len(teacher.tokenizer(truncated, add_special_tokens=False)["input_ids"]) <= 16
+    assert teacher.truncate("Short.") == ("Short.", False)
+    _, _, flags = teacher.score([long_text, "Short."])
+    assert flags.tolist() == [True, False]
+
+
+def test_prompts_longer_than_the_engine_allows_are_refused(smollm2_dir):
+    cfg = make_config(teacher={"max_text_tokens": 2000})
+    with pytest.raises(ValueError, match="teacher.vllm.max_model_len=1024 is too small"):
+        Teacher(cfg.task, cfg.teacher, smollm2_dir, backend=object())
