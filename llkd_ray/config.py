@@ -35,6 +35,7 @@ class CorpusConfig(_Section):
     text_column: str = "text"
     id_column: Optional[str] = None  # None: a stable content hash of the text
     gold_column: Optional[str] = None  # kept for evaluation only, never shown to the teacher
+    gold_map: dict[str, str] = {}  # raw gold value → label name, for datasets that store codes ("1" → "world")
     limit: Optional[int] = Field(default=None, gt=0)  # first N rows (builtin corpora are shuffled with `seed` first)
     seed: int = 0
     # Streaming repartition: files arrive as one block each, and a block is the unit an actor takes, so
@@ -169,6 +170,9 @@ class TrainingConfig(_Section):
     gpus_per_worker: float = Field(default=0.0, ge=0)  # > 0 trains on GPUs (bf16 with DeepSpeed)
     accelerator_type: Optional[str] = None
     resources_per_worker: dict[str, float] = {}
+    # CPU threads per worker; None: the node's cores shared among the workers on it (Ray would export
+    # OMP_NUM_THREADS=cpus_per_worker, i.e. one thread for a fractional CPU).
+    torch_threads: Optional[int] = Field(default=None, gt=0)
     epochs: int = Field(default=6, ge=1)
     batch_size: int = Field(default=32, gt=0)  # per worker
     learning_rate: float = Field(default=5e-5, gt=0)
@@ -189,6 +193,26 @@ class OutputConfig(_Section):
     dir: str = "runs"
 
 
+class ServeConfig(_Section):
+    """Ray Serve options for the student endpoint (also settable in cluster/serve_config.yaml)."""
+
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = Field(default=8000, ge=0, le=65535)
+    batching: bool = True  # batch texts across concurrent callers with @serve.batch
+    max_batch_size: int = Field(default=64, gt=0)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=16, gt=0)
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    max_texts: int = Field(default=256, gt=0)  # per request; more is a 413
+    max_text_chars: int = Field(default=20000, gt=0)
+    overlong: Literal["truncate", "reject"] = "truncate"  # a text over max_text_chars: cut it, or answer 413
+    token_env: str = "LLKD_SERVE_TOKEN"  # when this variable is set, requests need "Authorization: Bearer <it>"
+    max_length: Optional[int] = Field(default=None, gt=0)  # tokens per text; None: the student's training length
+
+
 class RayConfig(_Section):
     address: Optional[str] = None  # None: connect to RAY_ADDRESS if set, else start a local cluster
     num_cpus: Optional[int] = Field(default=None, gt=0)  # for a local cluster only
@@ -205,6 +229,7 @@ class Config(_Section):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     output: OutputConfig = OutputConfig()
+    serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
 
 

@@ -122,13 +122,10 @@ def parse_file(data: bytes, path: str, fmt: str, cfg: CorpusConfig) -> Iterator[
 def _record_row(record: dict, source: str, cfg: CorpusConfig, has_id: bool) -> dict:
     if cfg.text_column not in record:
         return _rejected(json.dumps(record, default=str)[:200], source, f"no {cfg.text_column!r} field")
-    return make_row(
-        record.get(cfg.text_column),
-        record.get(cfg.id_column) if has_id else None,
-        record.get(cfg.gold_column) if cfg.gold_column else None,
-        source,
-        has_id,
-    )
+    gold = record.get(cfg.gold_column) if cfg.gold_column else None
+    if gold is not None and cfg.gold_map:
+        gold = cfg.gold_map.get(str(gold), gold)
+    return make_row(record.get(cfg.text_column), record.get(cfg.id_column) if has_id else None, gold, source, has_id)
 
 
 def _rejected(shown: str, source: str, reason: str) -> dict:

@@ -244,4 +244,23 @@ def _as_uri(path: str) -> str:
 def read_labels(cfg: Config) -> pa.Table:
     """The consolidated pseudo-labels for this config (run ``llkd label`` first)."""
     store = PseudoLabelStore(cfg)
-    return pq.read_table(f"{store.root}/labels.parquet", filesystem=store.fs)
+    try:
+        return pq.read_table(f"{store.root}/labels.parquet", filesystem=store.fs)
+    except FileNotFoundError:
+        raise _not_labeled(store) from None
+
+
+def stored_counts(cfg: Config) -> dict:
+    """The row accounting of the last consolidation, from the store's manifest."""
+    store = PseudoLabelStore(cfg)
+    try:
+        with store.fs.open_input_stream(f"{store.root}/manifest.json") as stream:
+            return json.loads(stream.read())["counts"]
+    except FileNotFoundError:
+        raise _not_labeled(store) from None
+
+
+def _not_labeled(store: PseudoLabelStore) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"no pseudo-labels for this teacher, prompt and labels in {store.display_root}: run `llkd label` first"
+    )

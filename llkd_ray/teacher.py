@@ -1,6 +1,7 @@
 """The teacher: texts in, label distributions out; and the Ray Data actor that runs it over a corpus."""
 from __future__ import annotations
 
+import os
 import traceback
 from pathlib import Path
 
@@ -80,12 +81,15 @@ class TeacherActor:
     """
 
     def __init__(self, config: Config):
+        # Ray exports OMP_NUM_THREADS=<num_cpus> (1 for a fractional or single CPU) to every actor, and vLLM's
+        # CPU kernels honour it: without this the teacher would use one core of the node whatever it has.
+        threads = config.teacher.torch_threads or os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
         from llkd_ray.model_sources import resolve_model
 
-        if config.teacher.torch_threads:
-            import torch
-
-            torch.set_num_threads(config.teacher.torch_threads)
         self.teacher = Teacher(config.task, config.teacher, resolve_model(config.teacher.model))
         self.num_labels = len(config.task.labels)
 

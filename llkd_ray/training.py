@@ -26,7 +26,6 @@ from llkd_ray.config import Config
 
 STATE_FILE = "llkd_state.json"
 STUDENT_DIR = "student"
-FAIL_ONCE_ENV = "LLKD_FAIL_ONCE_AT_EPOCH"  # fault injection for tests: "<epoch>:<marker file>"
 # Scores are rounded before selection so float noise from different batch shapes (1 vs N workers) cannot
 # move a sample across a threshold.
 SCORE_DECIMALS = 6
@@ -82,8 +81,13 @@ class TrainResult:
     checkpoint_path: str
 
 
-def train_student(cfg: Config, pool: pa.Table, holdout: pa.Table, run_dir: Path) -> TrainResult:
-    """Run the Ray Train job and copy the exported student into ``run_dir/student``."""
+def train_student(cfg: Config, pool: pa.Table, holdout: pa.Table, run_dir: Path,
+                  fail_once_at: tuple[int, str] | None = None) -> TrainResult:
+    """Run the Ray Train job and copy the exported student into ``run_dir/student``.
+
+    ``fail_once_at=(epoch, marker_path)`` kills the rank-0 worker process once at that epoch (fault injection
+    for testing recovery; the marker file records that it happened).
+    """
     import ray.data
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -96,7 +100,7 @@ def train_student(cfg: Config, pool: pa.Table, holdout: pa.Table, run_dir: Path)
         resources["GPU"] = training.gpus_per_worker
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "pool_size": pool.num_rows},
+        train_loop_config={"cfg": cfg, "pool_size": pool.num_rows, "fail_once_at": fail_once_at},
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=training.gpus_per_worker > 0,
@@ -204,13 +208,12 @@ def _train_pass(engine, encode, texts, labels, weights, positions, cfg: Config, 
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def _maybe_fail(epoch: int, rank: int) -> None:
-    """Fault injection for the resume test: kill this worker process once, at the given epoch."""
-    spec = os.environ.get(FAIL_ONCE_ENV)
-    if not spec or rank != 0:
+def _maybe_fail(fail_once_at: tuple[int, str] | None, epoch: int, rank: int) -> None:
+    """Fault injection: kill this worker process (not raise: a real crash) once, at the given epoch."""
+    if not fail_once_at or rank != 0:
         return
-    fail_epoch, marker = spec.split(":", 1)
-    if int(fail_epoch) == epoch and not os.path.exists(marker):
+    fail_epoch, marker = fail_once_at
+    if fail_epoch == epoch and not os.path.exists(marker):
         Path(marker).write_text("failed once")
         os._exit(1)
 
@@ -230,6 +233,7 @@ def train_loop(loop_config: dict) -> None:
     pool_size: int = loop_config["pool_size"]
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    torch.set_num_threads(cfg.training.torch_threads or max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
     collective = _Collective()
     names = cfg.task.label_names
     device = ray.train.torch.get_device()
@@ -271,7 +275,7 @@ def train_loop(loop_config: dict) -> None:
             print(f"[llkd] resumed from checkpoint after epoch {start_epoch}", flush=True)
 
     for epoch in range(start_epoch + 1, cfg.training.epochs + 1):
-        _maybe_fail(epoch, rank)
+        _maybe_fail(loop_config.get("fail_once_at"), epoch, rank)
         started = time.time()
         local_probs = _score(engine, encode, texts, 128, collective, len(names))
         parts = collective.gather((local_index, local_probs))
@@ -287,9 +291,11 @@ def train_loop(loop_config: dict) -> None:
         )
         used |= selection.mask
         positions = np.flatnonzero(selection.mask[local_index])
+        scored_at = time.time()
         loss = _train_pass(engine, encode, texts, labels, selection.weights[local_index], positions, cfg,
                            np.random.default_rng([cfg.training.seed, epoch, rank]), collective)
         losses = [value for value in collective.gather(loss) if not np.isnan(value)]
+        train_seconds = time.time() - scored_at
 
         metrics = {
             "epoch": epoch,
@@ -309,7 +315,8 @@ def train_loop(loop_config: dict) -> None:
         if len(gold):
             report = classification_report(gold, predicted, names)
             metrics.update(eval_accuracy=report["accuracy"], eval_macro_f1=report["macro_f1"])
-        metrics["epoch_seconds"] = round(time.time() - started, 2)
+        metrics.update(score_select_seconds=round(scored_at - started, 3), train_seconds=round(train_seconds, 3),
+                       epoch_seconds=round(time.time() - started, 3))
         history.append(metrics)
 
         final = epoch == cfg.training.epochs

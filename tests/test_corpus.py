@@ -90,3 +90,9 @@ def test_builtin_rotten_tomatoes_is_real_balanced_and_deterministic():
     assert 150 < golds.count("positive") < 290 and set(golds) == {"positive", "negative"}
     assert sample["id"].to_pylist() == load_rotten_tomatoes(seed=0, limit=400)["id"].to_pylist()
     assert sample["id"].to_pylist() != load_rotten_tomatoes(seed=1, limit=400)["id"].to_pylist()
+
+
+def test_gold_codes_are_mapped_to_label_names():
+    rows = rows_of(b'label,description\n2,"Striker scores twice"\n9,"Unknown code"\n', "csv", text_column="description",
+                   gold_column="label", gold_map={"1": "world", "2": "sports"})
+    assert [r["gold"] for r in rows] == ["sports", "9"]  # an unmapped code stays as it is (not evaluated)

@@ -1,0 +1,75 @@
+"""``llkd run``: label → select + train → evaluate → report, into one run directory.
+
+    <output.dir>/<output.name>/
+        config.yaml      the resolved configuration
+        metrics.json     labeling counts, per-epoch history, final evaluation
+        student/         the exported student (Hugging Face format), ready for `llkd serve`
+        *.png            selection, F1 and teacher-confidence plots
+        report.md        a short report that links them
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from llkd_ray.config import Config
+
+
+def run_pipeline(cfg: Config, label: bool = True) -> Path:
+    """The whole run; ``label=False`` trains on the labels already in the store (``llkd train``)."""
+    from llkd_ray import plots
+    from llkd_ray.evaluation import evaluate, teacher_confidence_quality
+    from llkd_ray.labeling import run_labeling
+    from llkd_ray.pseudo_label_store import read_labels, stored_counts
+    from llkd_ray.ray_session import init_ray
+    from llkd_ray.report import write_report
+    from llkd_ray.training import split_pool_and_holdout, train_student
+
+    started = time.time()
+    run_dir = Path(cfg.output.dir) / cfg.output.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    names = cfg.task.label_names
+
+    if label:
+        print("[llkd] stage 1/3: teacher labels the corpus", flush=True)
+        labeling = vars(run_labeling(cfg))
+    else:
+        init_ray(cfg.ray)
+        labeling = stored_counts(cfg)
+    labels = read_labels(cfg)
+    pool, holdout = split_pool_and_holdout(labels, cfg)
+    print(f"[llkd] stage 2/3: student trains ({cfg.selection.strategy} selection) on a pool of {pool.num_rows};"
+          f" {holdout.num_rows} gold-labelled rows held out", flush=True)
+    trained = train_student(cfg, pool, holdout, run_dir)
+    print("[llkd] stage 3/3: evaluation", flush=True)
+    evaluation = evaluate(trained.student_dir, holdout, names, cfg.student.max_length)
+    quality = teacher_confidence_quality(labels, names, cfg.teacher.calibrate)
+
+    pictures = [plots.plot_selection(trained.history, names, run_dir / "selection.png"),
+                plots.plot_f1(trained.history, evaluation.get("teacher", {}).get("macro_f1"), run_dir / "f1.png")]
+    if quality:
+        pictures.append(plots.plot_teacher_confidence(quality["confidence"], quality["correct"],
+                                                      run_dir / "teacher_confidence.png"))
+    metrics = {
+        "labeling": labeling,
+        "pool_size": pool.num_rows,
+        "holdout_size": holdout.num_rows,
+        "pool_fraction_used": len(trained.used_pool_indices) / max(pool.num_rows, 1),
+        "teacher_confidence": {k: v for k, v in quality.items() if k not in ("confidence", "correct")},
+        "evaluation": evaluation,
+        "history": trained.history,
+        "checkpoint": trained.checkpoint_path,
+        "seconds": round(time.time() - started, 1),
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    report = write_report(run_dir, cfg, metrics, pictures)
+    student, teacher = evaluation.get("student", {}), evaluation.get("teacher", {})
+    if student:
+        print(f"[llkd] holdout macro-F1: student {student['macro_f1']:.3f} vs teacher {teacher['macro_f1']:.3f};"
+              f" student trained on {metrics['pool_fraction_used']:.1%} of the pool")
+    print(f"[llkd] done in {metrics['seconds']:.0f} s: {report}", flush=True)
+    return run_dir

@@ -1,0 +1,197 @@
+"""The serve stage: the exported student behind Ray Serve, with a FastAPI ingress.
+
+    POST /v1/classify  {"texts": [...]}  → {"predictions": [{"label", "confidence", "probabilities"}, ...]}
+    GET  /healthz                        → {"status": "ok"}
+    GET  /v1/metadata                    → model, labels, training run, version, and this replica's batching stats
+    GET  /docs, /openapi.json            → FastAPI's docs
+
+Texts are batched across concurrent callers with ``@serve.batch``. Bad input is answered with a 4xx that says
+what is wrong (never a 5xx, never a dead replica). ``cluster/serve_config.yaml`` deploys the same app with
+``serve run`` / ``serve deploy`` or KubeRay's RayService.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from ray import serve
+
+from llkd_ray import __version__
+from llkd_ray.config import ServeConfig
+from llkd_ray.student import STUDENT_METADATA
+
+
+class Prediction(BaseModel):
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[Prediction]
+    truncated: list[int] = []  # positions of texts cut to max_text_chars
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def resolve_student_dir(run_dir_or_model: str) -> Path:
+    """A run directory (its ``student/``) or an exported student directory."""
+    path = Path(run_dir_or_model)
+    if (path / "student" / "config.json").is_file():
+        return path / "student"
+    if (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(f"{run_dir_or_model}: neither a run directory with student/ nor an exported student")
+
+
+def parse_texts(body: bytes, options: ServeConfig) -> tuple[list[str], list[int]]:
+    """Validate a classify request body: (texts, positions truncated). Raises BadRequest with the reason."""
+    try:
+        payload = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise BadRequest(400, f"request body is not valid UTF-8 (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise BadRequest(400, f"request body is not valid JSON: {error.msg} at position {error.pos}") from None
+    if not isinstance(payload, dict) or "texts" not in payload:
+        raise BadRequest(400, 'expected a JSON object {"texts": ["...", ...]}')
+    texts = payload["texts"]
+    if not isinstance(texts, list):
+        raise BadRequest(400, f'"texts" must be a list of strings, not {type(texts).__name__}')
+    if not texts:
+        raise BadRequest(400, '"texts" is empty: send at least one text')
+    if len(texts) > options.max_texts:
+        raise BadRequest(413, f"too many texts: {len(texts)} > {options.max_texts} per request")
+    truncated = []
+    for position, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise BadRequest(400, f"texts[{position}] must be a string, not {type(text).__name__}")
+        if not text.strip():
+            raise BadRequest(400, f"texts[{position}] is empty")
+        if len(text) > options.max_text_chars:
+            if options.overlong == "reject":
+                raise BadRequest(413, f"texts[{position}] has {len(text)} characters > {options.max_text_chars}")
+            texts[position] = text[: options.max_text_chars]
+            truncated.append(position)
+    return texts, truncated
+
+
+app = FastAPI(title="llkd-ray student", description="A text classifier distilled from an LLM with LLKD.",
+              version=__version__)
+
+
+@serve.deployment
+@serve.ingress(app)
+class StudentClassifier:
+    def __init__(self, student_dir: str, options: dict):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.options = ServeConfig.model_validate(options)
+        self.network = AutoModelForSequenceClassification.from_pretrained(student_dir).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(student_dir)
+        if torch.cuda.is_available():
+            self.network.to("cuda")
+        metadata_path = Path(student_dir) / STUDENT_METADATA
+        self.metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
+        self.labels = [self.network.config.id2label[i] for i in range(self.network.config.num_labels)]
+        self.max_length = self.options.max_length or self.metadata.get("max_length") or 512
+        self.token = os.environ.get(self.options.token_env) or None
+        self.student_dir = student_dir
+        self.stats = {"requests": 0, "texts": 0, "forward_passes": 0, "largest_batch": 0}
+        self._batched.set_max_batch_size(self.options.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
+
+    def _forward(self, texts: list[str]) -> list[dict]:
+        from llkd_ray.student import predict_probs
+
+        self.stats["forward_passes"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(texts))
+        probs = predict_probs(self.network, self.tokenizer, texts, self.max_length, batch_size=len(texts))
+        return [
+            {"label": self.labels[int(row.argmax())], "confidence": float(row.max()),
+             "probabilities": dict(zip(self.labels, map(float, row)))}
+            for row in probs
+        ]
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)  # reset from config in __init__
+    async def _batched(self, texts: list[str]) -> list[dict]:
+        return self._forward(texts)
+
+    def _authorized(self, request: Request) -> bool:
+        if self.token is None:
+            return True
+        header = request.headers.get("authorization", "")
+        return hmac.compare_digest(header.encode(), f"Bearer {self.token}".encode())
+
+    @app.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/metadata")
+    def metadata(self, request: Request) -> Any:
+        if not self._authorized(request):
+            return _error(401, "missing or wrong bearer token")
+        return {"model": self.student_dir, "labels": self.labels, "version": __version__,
+                "training": self.metadata, "batching": self.options.batching, "max_length": self.max_length,
+                "stats": self.stats}
+
+    @app.post("/v1/classify", response_model=ClassifyResponse,
+              responses={400: {"description": "malformed request"}, 401: {"description": "bad token"},
+                         413: {"description": "too many or too long texts"}})
+    async def classify(self, request: Request) -> Any:
+        if not self._authorized(request):
+            return _error(401, "missing or wrong bearer token")
+        try:
+            texts, truncated = parse_texts(await request.body(), self.options)
+        except BadRequest as error:
+            return _error(error.status, error.message)
+        self.stats["requests"] += 1
+        self.stats["texts"] += len(texts)
+        if self.options.batching:
+            predictions = await asyncio.gather(*(self._batched(text) for text in texts))
+        else:
+            predictions = self._forward(texts)
+        return {"predictions": predictions, "truncated": truncated}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message})
+
+
+def build_app(student: str, options: ServeConfig):
+    """The Serve application for an exported student (or a run directory)."""
+    student_dir = resolve_student_dir(student)
+    actor_options: dict = {"num_cpus": options.num_cpus, "num_gpus": options.num_gpus}
+    if os.environ.get(options.token_env):
+        # The token set where the app is built reaches every replica, on whichever node it lands.
+        actor_options["runtime_env"] = {"env_vars": {options.token_env: os.environ[options.token_env]}}
+    return StudentClassifier.options(
+        ray_actor_options=actor_options,
+        autoscaling_config={"min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
+                            "target_ongoing_requests": options.target_ongoing_requests},
+        max_ongoing_requests=max(options.max_batch_size * 2, 8),
+    ).bind(str(student_dir.resolve()), options.model_dump())
+
+
+def app_builder(args: dict):
+    """Entry point for ``serve run`` / ``serve deploy`` configs: args are ``student`` plus ServeConfig fields."""
+    args = dict(args)
+    student = args.pop("student")
+    return build_app(student, ServeConfig.model_validate(args))
+
+
+def start_serving(student: str, options: ServeConfig, blocking: bool = True):
+    serve.start(http_options={"host": options.host, "port": options.port})
+    handle = serve.run(build_app(student, options), name="llkd-student", route_prefix="/", blocking=blocking)
+    return handle

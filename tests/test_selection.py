@@ -1,0 +1,89 @@
+"""LLKD thresholds, selection and weights against values worked out by hand; the baselines' budgets."""
+import numpy as np
+import pytest
+
+from llkd_ray.selection import PoolScores, ThresholdState, normalized_entropy, select
+
+# Four samples, two classes. Teacher confidence c = (.9, .6, .8, .7) for teacher labels (0, 0, 1, 1).
+TEACHER = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7]])
+LABELS = np.array([0, 0, 1, 1])
+# Student uncertainty u = H(q)/ln 2 = (1, .46900, .97095, .72193).
+STUDENT = np.array([[0.5, 0.5], [0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+
+
+def run(strategy="llkd", state=None, student=STUDENT, **kwargs):
+    options = {"momentum": 0.5, "warmup": False, "rng": np.random.default_rng(0)} | kwargs
+    return select(strategy, PoolScores(TEACHER, LABELS, student), state or ThresholdState(), **options)
+
+
+def test_normalized_entropy():
+    np.testing.assert_allclose(normalized_entropy(STUDENT), [1.0, 0.46900, 0.97095, 0.72193], atol=1e-5)
+    np.testing.assert_allclose(normalized_entropy(np.array([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]])), [0, 1], atol=1e-9)
+
+
+def test_first_epoch_thresholds_selection_and_weights():
+    state = ThresholdState()
+    selection = run(state=state)
+    # τ^T = mean c = .75; p̃ = mean teacher probs = (.5, .5) → τ^T(c) = (.75, .75)
+    np.testing.assert_allclose(selection.teacher_thresholds, [0.75, 0.75])
+    # τ^S = mean u = .79047; ũ = (.73450, .84644) → MaxNorm = (.86775, 1) → τ^S(c) = (.68593, .79047)
+    np.testing.assert_allclose(selection.student_thresholds, [0.68593, 0.79047], atol=1e-5)
+    # sample 0: .9 ≥ .75 and 1 ≥ .686 → in;  1: .6 < .75 → out;  2: .8 ≥ .75 and .971 ≥ .790 → in;  3: .7 < .75 → out
+    assert selection.mask.tolist() == [True, False, True, False]
+    assert selection.llkd_count == 2 and selection.per_class == [1, 1]
+    # w = c·u / mean over selected: .9 and .77676, mean .83838
+    np.testing.assert_allclose(selection.weights, [1.07350, 0.0, 0.92650, 0.0], atol=1e-5)
+
+
+def test_thresholds_move_by_the_momentum():
+    state = ThresholdState()
+    run(state=state)
+    # The student becomes unsure of everything (u = 1): τ^S = .5·.79047 + .5·1, ũ = .5·(.73450, .84644) + .5
+    selection = run(state=state, student=np.full((4, 2), 0.5))
+    assert state.student_global == pytest.approx(0.89524, abs=1e-5)
+    np.testing.assert_allclose(state.student_class, [0.86725, 0.92322], atol=1e-5)
+    np.testing.assert_allclose(selection.student_thresholds, [0.86725 / 0.92322 * 0.89524, 0.89524], atol=1e-5)
+    np.testing.assert_allclose(selection.teacher_thresholds, [0.75, 0.75])  # the teacher does not change
+
+
+def test_per_class_teacher_threshold_follows_the_class_prior():
+    teacher = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.45, 0.55]])
+    state = ThresholdState()
+    selection = select("llkd", PoolScores(teacher, teacher.argmax(1), STUDENT), state, momentum=0.9, warmup=True,
+                       rng=np.random.default_rng(0))
+    # τ^T = mean(.9, .8, .7, .55) = .7375; p̃ = (.7125, .2875) → τ^T(c) = (.7375, .7375·.2875/.7125 = .29759)
+    np.testing.assert_allclose(selection.teacher_thresholds, [0.7375, 0.29759], atol=1e-5)
+    # warm-up: the teacher criterion alone → .9, .8 pass for class 0, .55 ≥ .298 passes for class 1
+    assert selection.mask.tolist() == [True, True, False, True]
+
+
+def test_warmup_ignores_the_student():
+    uncertain_only_where_teacher_is_not = np.array([[0.99, 0.01], [0.5, 0.5], [0.99, 0.01], [0.5, 0.5]])
+    assert run(student=uncertain_only_where_teacher_is_not).mask.sum() == 0
+    assert run(student=uncertain_only_where_teacher_is_not, warmup=True).mask.tolist() == [True, False, True, False]
+
+
+def test_budget_matched_baselines_take_as_many_samples_as_llkd():
+    assert run("all").mask.all() and (run("all").weights == 1).all()
+    random_a, random_b = run("random", rng=np.random.default_rng(3)), run("random", rng=np.random.default_rng(3))
+    assert random_a.mask.sum() == 2 and random_a.mask.tolist() == random_b.mask.tolist()
+    assert run("teacher_confidence").mask.tolist() == [True, False, True, False]  # c = .9 and .8 are the top 2
+    assert run("teacher_confidence", teacher_confidence_threshold=0.65).mask.tolist() == [True, False, True, True]
+    assert run("student_uncertainty").mask.tolist() == [True, False, True, False]  # u = 1 and .971
+    # fixed_ratio keeps half of each class by c·u: class 0 → sample 0 (.9 vs .281), class 1 → sample 2 (.777 vs .505)
+    assert run("fixed_ratio", fraction=0.5).mask.tolist() == [True, False, True, False]
+    for strategy in ("random", "teacher_confidence", "student_uncertainty", "fixed_ratio", "all"):
+        assert set(run(strategy).weights[~run(strategy).mask]) <= {0.0}
+
+
+def test_unknown_strategy():
+    with pytest.raises(ValueError, match="unknown selection strategy 'best'"):
+        run("best")
+
+
+def test_a_class_absent_from_the_pool_keeps_a_threshold():
+    teacher = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0]])
+    state = ThresholdState()
+    selection = select("llkd", PoolScores(teacher, np.array([0, 0]), np.array([[0.5, 0.3, 0.2], [0.6, 0.2, 0.2]])),
+                       state, momentum=0.9, warmup=False, rng=np.random.default_rng(0))
+    assert np.isfinite(selection.student_thresholds).all() and np.isfinite(selection.teacher_thresholds).all()

@@ -1,0 +1,101 @@
+"""The student stage on a real local Ray cluster: Ray Train with DDP and DeepSpeed, selection independent of the
+worker count, export, recovery from a killed worker, and a re-run that resumes."""
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from llkd_ray.corpus import load_rotten_tomatoes
+from llkd_ray.training import split_pool_and_holdout, train_student
+from tests.conftest import make_config
+
+pytestmark = pytest.mark.slow
+NAMES = ["positive", "negative"]
+
+
+@pytest.fixture(scope="module")
+def pool_and_holdout():
+    """Real review snippets with a noisy teacher made from the gold labels (the teacher is not under test)."""
+    rows = load_rotten_tomatoes(seed=21, limit=160).to_pylist()
+    rng = np.random.default_rng(0)
+    gold = np.array([NAMES.index(r["gold"]) for r in rows])
+    confidence = rng.uniform(0.5, 1.0, len(rows))
+    teacher_label = np.where(rng.uniform(size=len(rows)) < 0.85, gold, 1 - gold)
+    probs = np.where(teacher_label[:, None] == np.arange(2), confidence[:, None], 1 - confidence[:, None])
+    labels = pa.table({
+        "id": [r["id"] for r in rows], "text": [r["text"] for r in rows], "gold": [r["gold"] for r in rows],
+        "probs_raw": pa.array(probs.tolist(), type=pa.list_(pa.float32())),
+        "probs_calibrated": pa.array(probs.tolist(), type=pa.list_(pa.float32())),
+        "label_index": pa.array(teacher_label, type=pa.int32()),
+    })
+    return split_pool_and_holdout(labels, make_config(evaluation={"holdout": 40}))
+
+
+def config(tmp_path: Path, name: str, **training):
+    return make_config(
+        student={"max_length": 48},
+        training={"storage_path": str(tmp_path / "ray"), "epochs": 2, "batch_size": 16, "learning_rate": 1e-4,
+                  "cpus_per_worker": 0.5, **training},
+        output={"name": name, "dir": str(tmp_path / "runs")},
+    )
+
+
+def load_and_predict(student_dir: Path, texts: list[str]):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(student_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    assert model.config.id2label == {0: "positive", 1: "negative"}
+    import torch
+
+    with torch.no_grad():
+        return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.softmax(-1).numpy()
+
+
+def test_split_keeps_gold_labelled_holdout_out_of_the_pool(pool_and_holdout):
+    pool, holdout = pool_and_holdout
+    assert (pool.num_rows, holdout.num_rows) == (120, 40)
+    assert not set(pool["id"].to_pylist()) & set(holdout["id"].to_pylist())
+    assert pool["pool_index"].to_pylist() == list(range(120))
+
+
+def test_selection_is_the_same_with_one_and_two_workers(ray_cluster, tmp_path, pool_and_holdout):
+    pool, holdout = pool_and_holdout
+    one = train_student(config(tmp_path, "one", strategy="ddp", num_workers=1, epochs=1), pool, holdout, tmp_path / "one")
+    two = train_student(config(tmp_path, "two", strategy="ddp", num_workers=2, epochs=1), pool, holdout, tmp_path / "two")
+    assert 0 < len(one.used_pool_indices) < pool.num_rows
+    assert one.used_pool_indices == two.used_pool_indices
+    for key in ("selected", "selected_per_class", "teacher_thresholds", "student_thresholds"):
+        assert one.history[0][key] == two.history[0][key], key
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_deepspeed_trains_and_exports_a_loadable_student(ray_cluster, tmp_path, pool_and_holdout, stage):
+    pool, holdout = pool_and_holdout
+    cfg = config(tmp_path, f"zero{stage}", strategy="deepspeed", zero_stage=stage, num_workers=2)
+    result = train_student(cfg, pool, holdout, tmp_path / "run")
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert all(np.isfinite(h["loss"]) and 0 <= h["eval_macro_f1"] <= 1 for h in result.history)
+    probs = load_and_predict(result.student_dir, ["A triumph.", "A bore."])
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+
+def test_ddp_student_export_matches_its_checkpoint_and_resumes_when_rerun(ray_cluster, tmp_path, pool_and_holdout):
+    pool, holdout = pool_and_holdout
+    cfg = config(tmp_path, "ddp", strategy="ddp", num_workers=1)
+    first = train_student(cfg, pool, holdout, tmp_path / "run")
+    before = load_and_predict(first.student_dir, ["Gripping and smart.", "Lifeless."])
+    again = train_student(cfg, pool, holdout, tmp_path / "run")  # same name: nothing left to train
+    assert again.history == first.history and again.checkpoint_path == first.checkpoint_path
+    np.testing.assert_allclose(load_and_predict(again.student_dir, ["Gripping and smart.", "Lifeless."]), before)
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path, pool_and_holdout):
+    pool, holdout = pool_and_holdout
+    marker = tmp_path / "failed-once"
+    cfg = config(tmp_path, "failing", strategy="ddp", num_workers=2, epochs=3, max_failures=1)
+    result = train_student(cfg, pool, holdout, tmp_path / "run", fail_once_at=(2, str(marker)))
+    assert marker.exists()  # the worker process really died at epoch 2
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]  # epoch 1 came from the checkpoint, not redone
+    assert (result.student_dir / "config.json").exists()
