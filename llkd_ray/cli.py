@@ -23,7 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("student", help="a run directory (uses its student/) or an exported student directory")
     serve_parser.add_argument("--detach", action="store_true", help="deploy and return; the app keeps running")
     _config_args(serve_parser)
-    args = parser.parse_args(argv)
+    submit_parser = commands.add_parser("submit", help="submit jobs/<job>.py to a Ray cluster (Job Submission API)")
+    submit_parser.add_argument("job", choices=["label", "train", "run", "deploy"])
+    submit_parser.add_argument("--address", help="the cluster's dashboard, e.g. http://head:8265 (or RAY_ADDRESS)")
+    submit_parser.add_argument("--no-wait", action="store_true", help="return once submitted")
+    args, job_args = parser.parse_known_args(argv)
+    if args.command == "submit":
+        from llkd_ray.submit import submit
+
+        submit(args.job, job_args, args.address, wait=not args.no_wait)
+        return 0
+    if job_args:
+        parser.error(f"unrecognized arguments: {' '.join(job_args)}")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as error:

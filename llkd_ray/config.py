@@ -153,8 +153,8 @@ class SelectionConfig(_Section):
     """Which pseudo-labeled samples the student trains on each epoch (formulas in llkd_ray/selection.py)."""
 
     strategy: Literal["llkd", "all", "random", "teacher_confidence", "student_uncertainty", "fixed_ratio"] = "llkd"
-    momentum: float = Field(default=0.9, ge=0, lt=1)  # λ of the threshold moving averages
-    warmup_epochs: int = Field(default=0, ge=0)  # epochs that use the teacher criterion only
+    momentum: float = Field(default=0.5, ge=0, lt=1)  # λ of the threshold moving averages, per epoch
+    warmup_epochs: int = Field(default=1, ge=0)  # epochs that use the teacher criterion only
     fraction: float = Field(default=0.3, gt=0, le=1)  # fixed_ratio: fraction of each class kept
     teacher_confidence_threshold: Optional[float] = Field(default=None, ge=0, le=1)  # teacher_confidence baseline
     seed: int = 0
@@ -173,9 +173,9 @@ class TrainingConfig(_Section):
     # CPU threads per worker; None: the node's cores shared among the workers on it (Ray would export
     # OMP_NUM_THREADS=cpus_per_worker, i.e. one thread for a fractional CPU).
     torch_threads: Optional[int] = Field(default=None, gt=0)
-    epochs: int = Field(default=6, ge=1)
+    epochs: int = Field(default=8, ge=1)
     batch_size: int = Field(default=32, gt=0)  # per worker
-    learning_rate: float = Field(default=5e-5, gt=0)
+    learning_rate: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
     seed: int = 0
     storage_path: str = "runs/ray_results"  # Ray Train storage: local path or s3://, gs://, a shared mount
@@ -217,6 +217,8 @@ class RayConfig(_Section):
     address: Optional[str] = None  # None: connect to RAY_ADDRESS if set, else start a local cluster
     num_cpus: Optional[int] = Field(default=None, gt=0)  # for a local cluster only
     object_store_memory_mb: Optional[int] = Field(default=None, gt=0)
+    # Ray Train's placement-group cleaner and `ray job submit` need the dashboard's state API.
+    include_dashboard: bool = True
 
 
 class Config(_Section):

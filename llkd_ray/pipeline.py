@@ -20,6 +20,10 @@ from llkd_ray.config import Config
 
 def run_pipeline(cfg: Config, label: bool = True) -> Path:
     """The whole run; ``label=False`` trains on the labels already in the store (``llkd train``)."""
+    # torch (and its MKL) loads first, while the process has one thread: loading it later, beside Ray Data's
+    # threads, aborted a job driver once with "oneMKL FATAL ERROR: Cannot load libtorch_cpu.so".
+    import torch  # noqa: F401
+
     from llkd_ray import plots
     from llkd_ray.evaluation import evaluate, teacher_confidence_quality
     from llkd_ray.labeling import run_labeling
@@ -38,8 +42,8 @@ def run_pipeline(cfg: Config, label: bool = True) -> Path:
         print("[llkd] stage 1/3: teacher labels the corpus", flush=True)
         labeling = vars(run_labeling(cfg))
     else:
+        labeling = stored_counts(cfg)  # fails with a clear message before any cluster starts
         init_ray(cfg.ray)
-        labeling = stored_counts(cfg)
     labels = read_labels(cfg)
     pool, holdout = split_pool_and_holdout(labels, cfg)
     print(f"[llkd] stage 2/3: student trains ({cfg.selection.strategy} selection) on a pool of {pool.num_rows};"

@@ -23,7 +23,7 @@ def init_ray(cfg: RayConfig) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(
         num_cpus=cfg.num_cpus,
-        include_dashboard=False,
+        include_dashboard=cfg.include_dashboard,
         object_store_memory=cfg.object_store_memory_mb * 2**20 if cfg.object_store_memory_mb else None,
         runtime_env={"env_vars": env_vars},
     )

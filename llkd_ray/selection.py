@@ -26,7 +26,9 @@ learning rate keeps its meaning:
 
     w_i = c_i u_i / mean_{j selected} (c_j u_j)
 
-During ``warmup_epochs`` the student's scores are not yet informative, so only the teacher criterion applies.
+During ``warmup_epochs`` the student's scores are not yet informative: only the teacher criterion applies, and
+the student's averages start at the first epoch after warm-up. The averages move once per epoch (FreeMatch moves
+them every step), so the momentum is per epoch and much lower than FreeMatch's 0.999.
 """
 from __future__ import annotations
 
@@ -57,22 +59,22 @@ class ThresholdState:
     student_global: float | None = None
     student_class: list[float] | None = None
 
-    def update(self, teacher_probs: np.ndarray, teacher_labels: np.ndarray, uncertainty: np.ndarray, momentum: float):
+    def update(self, teacher_probs: np.ndarray, teacher_labels: np.ndarray, uncertainty: np.ndarray, momentum: float,
+               student: bool = True):
+        """Move the averages by this epoch's statistics; ``student=False`` (warm-up) leaves the student's alone:
+        an untrained student is uniformly unsure, and averaging that in would hold τ^S near 1 for many epochs."""
         num_classes = teacher_probs.shape[1]
         confidence = teacher_probs[np.arange(len(teacher_labels)), teacher_labels]
-        class_uncertainty = np.array([
-            uncertainty[teacher_labels == c].mean() if (teacher_labels == c).any() else np.nan
-            for c in range(num_classes)
-        ])
-        observed = {
-            "teacher_global": confidence.mean(),
-            "teacher_class": teacher_probs.mean(axis=0),
-            "student_global": uncertainty.mean(),
-            "student_class": class_uncertainty,
-        }
+        observed = {"teacher_global": confidence.mean(), "teacher_class": teacher_probs.mean(axis=0)}
+        if student:
+            observed["student_global"] = uncertainty.mean()
+            observed["student_class"] = np.array([
+                uncertainty[teacher_labels == c].mean() if (teacher_labels == c).any() else np.nan
+                for c in range(num_classes)
+            ])
         for name, value in observed.items():
             previous = getattr(self, name)
-            if previous is None:  # first epoch: start from what is observed, not from an arbitrary prior
+            if previous is None:  # the first observation initialises the average, not an arbitrary prior
                 new = value
             else:
                 new = momentum * np.asarray(previous) + (1 - momentum) * value
@@ -83,8 +85,10 @@ class ThresholdState:
             setattr(self, name, new.tolist() if isinstance(new, np.ndarray) else float(new))
 
     def thresholds(self) -> tuple[np.ndarray, np.ndarray]:
-        """(τ^T(c), τ^S(c)) for every class."""
+        """(τ^T(c), τ^S(c)) for every class; τ^S is 0 until the student's statistics exist (warm-up)."""
         teacher = max_norm(np.asarray(self.teacher_class)) * self.teacher_global
+        if self.student_global is None:
+            return teacher, np.zeros_like(teacher)
         student = max_norm(np.asarray(self.student_class)) * self.student_global
         return teacher, student
 
@@ -158,7 +162,7 @@ def select(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown selection strategy {strategy!r}; choose one of {STRATEGIES}")
-    state.update(scores.teacher_probs, scores.teacher_labels, scores.student_uncertainty, momentum)
+    state.update(scores.teacher_probs, scores.teacher_labels, scores.student_uncertainty, momentum, student=not warmup)
     teacher_thr, student_thr = state.thresholds()
     llkd = llkd_mask(scores, teacher_thr, student_thr, warmup)
     budget = int(llkd.sum())

@@ -86,6 +86,10 @@ def parse_texts(body: bytes, options: ServeConfig) -> tuple[list[str], list[int]
     return texts, truncated
 
 
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message})
+
+
 app = FastAPI(title="llkd-ray student", description="A text classifier distilled from an LLM with LLKD.",
               version=__version__)
 
@@ -128,6 +132,10 @@ class StudentClassifier:
     async def _batched(self, texts: list[str]) -> list[dict]:
         return self._forward(texts)
 
+    # Reached through the instance: Serve ships the class to replicas, where module globals defined after it
+    # were not visible (a NameError, answered as a 500).
+    _error = staticmethod(_error)
+
     def _authorized(self, request: Request) -> bool:
         if self.token is None:
             return True
@@ -141,7 +149,7 @@ class StudentClassifier:
     @app.get("/v1/metadata")
     def metadata(self, request: Request) -> Any:
         if not self._authorized(request):
-            return _error(401, "missing or wrong bearer token")
+            return self._error(401, "missing or wrong bearer token")
         return {"model": self.student_dir, "labels": self.labels, "version": __version__,
                 "training": self.metadata, "batching": self.options.batching, "max_length": self.max_length,
                 "stats": self.stats}
@@ -151,11 +159,11 @@ class StudentClassifier:
                          413: {"description": "too many or too long texts"}})
     async def classify(self, request: Request) -> Any:
         if not self._authorized(request):
-            return _error(401, "missing or wrong bearer token")
+            return self._error(401, "missing or wrong bearer token")
         try:
             texts, truncated = parse_texts(await request.body(), self.options)
         except BadRequest as error:
-            return _error(error.status, error.message)
+            return self._error(error.status, error.message)
         self.stats["requests"] += 1
         self.stats["texts"] += len(texts)
         if self.options.batching:
@@ -163,10 +171,6 @@ class StudentClassifier:
         else:
             predictions = self._forward(texts)
         return {"predictions": predictions, "truncated": truncated}
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message})
 
 
 def build_app(student: str, options: ServeConfig):

@@ -9,21 +9,16 @@ import numpy as np
 import pyarrow as pa
 
 from llkd_ray.config import Config, TaskConfig, TeacherConfig
+from llkd_ray.corpus import ROW_SCHEMA
 from llkd_ray.label_scoring import label_log_scores, normalize_scores
 from llkd_ray.prompts import build_verbalizer, render_prompt
 from llkd_ray.teacher_backends import TeacherBackend
 
+# The corpus row plus what the teacher adds to it.
 SCORED_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("text", pa.string()),
-        ("gold", pa.string()),
-        ("source", pa.string()),
-        ("reject_reason", pa.string()),
-        ("probs_raw", pa.list_(pa.float32())),
-        ("label_mass", pa.float32()),
-        ("truncated", pa.bool_()),
-    ]
+    list(ROW_SCHEMA)
+    + [pa.field("probs_raw", pa.list_(pa.float32())), pa.field("label_mass", pa.float32()),
+       pa.field("truncated", pa.bool_())]
 )
 
 

@@ -10,6 +10,13 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 
 from llkd_ray.config import config_from_dict, load_config
@@ -35,21 +42,63 @@ def make_config(**sections):
     return config_from_dict(data)
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """The one Ray cluster of the test session (a second cluster on one host kills the first one's jobs)."""
+RAY = str(Path(sys.executable).parent / "ray")
+# Job drivers run `python` from PATH: make it this interpreter (the venv), as a cluster image would.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+# Forwarded to every worker the test cluster starts.
+WORKER_ENV = ("HF_HUB_OFFLINE", "RAY_AUTH_MODE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING",
+              "TOKENIZERS_PARALLELISM")
+GPU_NODE_RESOURCE = "gpu_node"  # what the second node offers in place of a GPU
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class TestCluster:
+    address: str  # GCS address, for ray.init and RAY_ADDRESS
+    dashboard: str  # for `ray job submit --address`
+
+    def start_node(self, resources: dict, num_cpus: int = 1) -> int:
+        """Join one more node (same host); returns its node-manager port, which identifies its raylet."""
+        port = free_port()
+        subprocess.run([RAY, "start", "--address", self.address, f"--num-cpus={num_cpus}",
+                        f"--resources={json.dumps(resources)}", f"--node-manager-port={port}",
+                        "--object-store-memory=200000000", "--disable-usage-stats"],
+                       check=True, capture_output=True, timeout=120)
+        return port
+
+
+def node_id_with_resource(resource: str) -> str:
     import ray
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=300 * 2**20,
-        _temp_dir="/tmp/llkd_ray_tests",
-        runtime_env={"env_vars": {key: os.environ[key] for key in (
-            "HF_HUB_OFFLINE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "TOKENIZERS_PARALLELISM")}},
-    )
-    yield ray.get_runtime_context().gcs_address
+    nodes = [n for n in ray.nodes() if n["Alive"] and resource in n["Resources"]]
+    assert len(nodes) == 1, f"expected one live node with {resource}: {nodes}"
+    return nodes[0]["NodeID"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The one Ray cluster of the test session, multi-node on loopback: a head (2 CPUs, dashboard and job server)
+    plus a node that holds a custom resource standing in for a GPU. One cluster per host: a second one on the
+    same machine would kill the first one's jobs."""
+    import ray
+
+    port, dashboard_port = free_port(), free_port()
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--object-store-memory=300000000",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                    "--temp-dir=/tmp/llkd_ray_tests", "--disable-usage-stats"],
+                   check=True, capture_output=True, timeout=180)
+    cluster = TestCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}")
+    cluster.start_node({GPU_NODE_RESOURCE: 1})
+    ray.init(address=cluster.address,
+             runtime_env={"env_vars": {key: os.environ[key] for key in WORKER_ENV if key in os.environ}})
+    yield cluster
     ray.shutdown()
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="session")

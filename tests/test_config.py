@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from llkd_ray.cli import main
@@ -62,9 +64,18 @@ def test_missing_or_malformed_config_file(tmp_path):
         load_config(None, ["teacher.batch_size"])
 
 
-def test_cli_reports_config_errors_before_starting_ray(capsys):
-    import ray
+def test_cli_reports_config_errors_before_starting_ray(tmp_path):
+    import subprocess
+    import sys
 
-    assert main(["label", "teacher.num_actors=-1"]) == 2
-    assert "teacher.num_actors: Input should be greater than or equal to 1" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-m", "llkd_ray.cli", "label", "teacher.num_actors=-1"],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "teacher.num_actors: Input should be greater than or equal to 1" in result.stderr
+    assert "Ray" not in result.stdout + result.stderr  # nothing was started
+
+
+def test_cli_names_a_missing_store(tmp_path, capsys):
+    assert main(["train", f"store.path={tmp_path}/empty"]) == 2
+    assert "no pseudo-labels for this teacher, prompt and labels" in capsys.readouterr().err

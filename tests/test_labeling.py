@@ -75,7 +75,7 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(ray_cluster, tmp_
     config_file.write_text(yaml.safe_dump(cfg.model_dump()))
 
     # A separate driver process on the same cluster, killed with SIGKILL once some parts are committed.
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     driver = subprocess.Popen([sys.executable, "-m", "llkd_ray.cli", "label", "--config", str(config_file)],
                               cwd=ROOT, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

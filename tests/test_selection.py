@@ -57,10 +57,16 @@ def test_per_class_teacher_threshold_follows_the_class_prior():
     assert selection.mask.tolist() == [True, True, False, True]
 
 
-def test_warmup_ignores_the_student():
+def test_warmup_ignores_the_student_and_keeps_it_out_of_the_averages():
     uncertain_only_where_teacher_is_not = np.array([[0.99, 0.01], [0.5, 0.5], [0.99, 0.01], [0.5, 0.5]])
     assert run(student=uncertain_only_where_teacher_is_not).mask.sum() == 0
-    assert run(student=uncertain_only_where_teacher_is_not, warmup=True).mask.tolist() == [True, False, True, False]
+    state = ThresholdState()
+    warm = run(state=state, student=uncertain_only_where_teacher_is_not, warmup=True)
+    assert warm.mask.tolist() == [True, False, True, False]
+    assert state.student_global is None and warm.student_thresholds.tolist() == [0.0, 0.0]
+    # The first epoch after warm-up initialises the student's averages from what it observes (τ^S = .79047).
+    after = run(state=state)
+    np.testing.assert_allclose(after.student_thresholds, [0.68593, 0.79047], atol=1e-5)
 
 
 def test_budget_matched_baselines_take_as_many_samples_as_llkd():

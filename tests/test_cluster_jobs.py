@@ -1,0 +1,101 @@
+"""Ray Jobs on a real multi-node cluster (loopback): `ray job submit` of the whole run with the teacher placed on
+the node that holds the "GPU" resource, and a teacher node killed mid-labeling."""
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from llkd_ray.corpus import load_rotten_tomatoes
+from llkd_ray.labeling import run_labeling
+from llkd_ray.pseudo_label_store import PseudoLabelStore
+from tests.conftest import GPU_NODE_RESOURCE, RAY, make_config, node_id_with_resource
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_corpus(path: Path, count: int, seed: int) -> Path:
+    rows = load_rotten_tomatoes(seed=seed, limit=count).to_pylist()
+    path.write_text("".join(json.dumps({"text": r["text"], "label": r["gold"]}) + "\n" for r in rows))
+    return path
+
+
+def teacher_nodes() -> set[str]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "MapWorker(MapBatches(TeacherActor))")], limit=1000,
+                         raise_on_missing_output=False)
+    return {actor.node_id for actor in actors}
+
+
+def test_submitted_run_places_the_teacher_on_the_gpu_node(ray_cluster, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", 120, seed=31)
+    cfg = make_config(
+        corpus={"source": str(corpus), "gold_column": "label"},
+        teacher={"resources": {GPU_NODE_RESOURCE: 1}, "num_cpus": 0.5},
+        store={"path": str(tmp_path / "store")},
+        student={"max_length": 48},
+        training={"strategy": "ddp", "epochs": 1, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "ray")},
+        evaluation={"holdout": 30},
+        output={"name": "submitted", "dir": str(tmp_path / "runs")},
+    )
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump()))
+    before = teacher_nodes()
+    for _ in range(12):  # a freshly started head takes a few seconds before its job agent accepts jobs
+        submitted = subprocess.run(
+            [RAY, "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", str(ROOT),
+             "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git"]}),
+             "--", "python", "jobs/run.py", "--config", str(config_file)],
+            capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_ADDRESS": ray_cluster.dashboard},
+        )
+        if "No available agent to submit job" not in submitted.stderr + submitted.stdout:
+            break
+        time.sleep(5)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    assert "succeeded" in submitted.stdout.lower()
+    run_dir = tmp_path / "runs" / "submitted"
+    for name in ("report.md", "metrics.json", "student/config.json", "selection.png"):
+        assert (run_dir / name).exists(), name
+    assert teacher_nodes() - before == {node_id_with_resource(GPU_NODE_RESOURCE)}
+
+
+def raylet_pid(node_manager_port: int) -> int:
+    found = subprocess.run(["pgrep", "-f", f"raylet.*--node_manager_port={node_manager_port}"],
+                           capture_output=True, text=True).stdout.split()
+    assert found, f"no raylet on port {node_manager_port}"
+    return int(found[0])
+
+
+def test_a_teacher_node_killed_mid_labeling_loses_and_duplicates_nothing(ray_cluster, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", 240, seed=41)
+    cfg = make_config(
+        corpus={"source": str(corpus), "gold_column": "label", "rows_per_block": 16},
+        teacher={"resources": {"doomed_node": 1}, "batch_size": 8, "num_cpus": 0.5},
+        store={"path": str(tmp_path / "store"), "rows_per_part": 8},
+    )
+    doomed = ray_cluster.start_node({"doomed_node": 1})
+    result: dict = {}
+    labeling = threading.Thread(target=lambda: result.update(summary=run_labeling(cfg)), daemon=True)
+    labeling.start()
+    parts = Path(PseudoLabelStore(cfg).root) / "parts"
+    deadline = time.time() + 600
+    while len(list(parts.glob("part-*.parquet"))) < 3:
+        assert labeling.is_alive() and time.time() < deadline, "labeling ended or stalled before the kill"
+        time.sleep(0.5)
+    os.kill(raylet_pid(doomed), signal.SIGKILL)  # the node dies with its teacher actor, mid-stream
+    replacement = ray_cluster.start_node({"doomed_node": 1})  # what the autoscaler does for a lost node
+    labeling.join(timeout=900)
+    assert not labeling.is_alive(), "labeling did not finish after the node was replaced"
+    summary = result["summary"]
+    assert (summary.rows, summary.labeled, summary.rejected) == (240, 240, 0)
+    sources = pq.read_table(summary.labels_path, columns=["source"])["source"].to_pylist()
+    assert sorted(sources) == sorted(f"{corpus}:{n}" for n in range(1, 241))  # nothing lost, nothing twice
+    os.kill(raylet_pid(replacement), signal.SIGKILL)
