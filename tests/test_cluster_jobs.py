@@ -51,9 +51,11 @@ def test_submitted_run_places_the_teacher_on_the_gpu_node(ray_cluster, tmp_path)
     before = teacher_nodes()
     for _ in range(12):  # a freshly started head takes a few seconds before its job agent accepts jobs
         submitted = subprocess.run(
-            [RAY, "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", str(ROOT),
-             "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git"]}),
-             "--", "python", "jobs/run.py", "--config", str(config_file)],
+            # No --working-dir upload here: both test nodes live on one host and share Ray's runtime-env cache,
+            # so the "GPU" node garbage-collecting the package when its workers exit would delete the driver's
+            # working directory. Real nodes have their own disks; the entry point is the same.
+            [RAY, "job", "submit", "--address", ray_cluster.dashboard,
+             "--", "bash", "-c", f"cd {ROOT} && python jobs/run.py --config {config_file}"],
             capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_ADDRESS": ray_cluster.dashboard},
         )
         if "No available agent to submit job" not in submitted.stderr + submitted.stdout:
