@@ -5,7 +5,6 @@ Stated tolerance: 2e-3 absolute on every label probability (both run float32; me
 import numpy as np
 import pytest
 
-from llkd_ray.config import TaskConfig
 from llkd_ray.corpus import load_rotten_tomatoes
 from llkd_ray.teacher import Teacher
 from llkd_ray.teacher_backends import TransformersBackend, VLLMBackend
