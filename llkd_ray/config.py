@@ -155,6 +155,10 @@ class SelectionConfig(_Section):
     strategy: Literal["llkd", "all", "random", "teacher_confidence", "student_uncertainty", "fixed_ratio"] = "llkd"
     momentum: float = Field(default=0.5, ge=0, lt=1)  # λ of the threshold moving averages, per epoch
     warmup_epochs: int = Field(default=1, ge=0)  # epochs that use the teacher criterion only
+    # The global statistic behind τ^T / τ^S: None is the mean (FreeMatch); a quantile in (0, 1) is a stricter or
+    # looser gate (0.7: about the 30% most confident teacher labels are eligible).
+    teacher_quantile: Optional[float] = Field(default=None, gt=0, lt=1)
+    student_quantile: Optional[float] = Field(default=None, gt=0, lt=1)
     fraction: float = Field(default=0.3, gt=0, le=1)  # fixed_ratio: fraction of each class kept
     teacher_confidence_threshold: Optional[float] = Field(default=None, ge=0, le=1)  # teacher_confidence baseline
     seed: int = 0

@@ -6,6 +6,8 @@
         student/         the exported student (Hugging Face format), ready for `llkd serve`
         *.png            selection, F1 and teacher-confidence plots
         report.md        a short report that links them
+
+``output.dir`` may be a URI (``s3://bucket/runs``): the run is written locally, then published there.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import yaml
 from llkd_ray.config import Config
 
 
-def run_pipeline(cfg: Config, label: bool = True) -> Path:
+def run_pipeline(cfg: Config, label: bool = True) -> str:
     """The whole run; ``label=False`` trains on the labels already in the store (``llkd train``)."""
     # torch (and its MKL) loads first, while the process has one thread: loading it later, beside Ray Data's
     # threads, aborted a job driver once with "oneMKL FATAL ERROR: Cannot load libtorch_cpu.so".
@@ -30,11 +32,12 @@ def run_pipeline(cfg: Config, label: bool = True) -> Path:
     from llkd_ray.pseudo_label_store import read_labels, stored_counts
     from llkd_ray.ray_session import init_ray
     from llkd_ray.report import write_report
+    from llkd_ray.storage import RunDirectory
     from llkd_ray.training import split_pool_and_holdout, train_student
 
     started = time.time()
-    run_dir = Path(cfg.output.dir) / cfg.output.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    destination = RunDirectory(cfg.output.dir, cfg.output.name)
+    run_dir = destination.local
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     names = cfg.task.label_names
 
@@ -75,5 +78,7 @@ def run_pipeline(cfg: Config, label: bool = True) -> Path:
     if student:
         print(f"[llkd] holdout macro-F1: student {student['macro_f1']:.3f} vs teacher {teacher['macro_f1']:.3f};"
               f" student trained on {metrics['pool_fraction_used']:.1%} of the pool")
-    print(f"[llkd] done in {metrics['seconds']:.0f} s: {report}", flush=True)
-    return run_dir
+    published = destination.publish()
+    print(f"[llkd] done in {metrics['seconds']:.0f} s: {report}"
+          + (f", published to {published}" if destination.local != Path(published) else ""), flush=True)
+    return published

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from llkd_ray import storage
 from llkd_ray.config import Config
 from llkd_ray.label_scoring import calibrate, label_prior, pick_labels
 from llkd_ray.model_sources import model_identity
@@ -94,7 +95,7 @@ class StoreSummary:
 class PseudoLabelStore:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.fs, root = pafs.FileSystem.from_uri(_as_uri(cfg.store.path))
+        self.fs, root = storage.resolve(cfg.store.path)
         self.root = f"{root.rstrip('/')}/teacher-{teacher_fingerprint(cfg)}"
         self.display_root = cfg.store.path.rstrip("/") + f"/teacher-{teacher_fingerprint(cfg)}"
         for sub in ("parts", "rejects"):
@@ -233,12 +234,6 @@ class PseudoLabelStore:
 
 def _empty_rejects() -> pa.Table:
     return pa.table({name: pa.array([], type=pa.string()) for name in ("id", "text", "source", "reject_reason")})
-
-
-def _as_uri(path: str) -> str:
-    import os
-
-    return path if "://" in path else os.path.abspath(path)
 
 
 def read_labels(cfg: Config) -> pa.Table:

@@ -13,6 +13,9 @@ averages with momentum λ (FreeMatch-style self-adaptive thresholds; the first e
     global student uncertainty  τ^S   <- λ τ^S   + (1-λ) mean_i u_i
     class student uncertainty   ũ(c)  <- λ ũ(c)  + (1-λ) mean_{i: y_i = c} u_i
 
+(``teacher_quantile`` / ``student_quantile`` replace the global mean by that quantile of c_i / u_i: a stricter
+gate than the mean when the pool is large and the budget small; None keeps the mean.)
+
 and the per-class thresholds scale the global one by how far the class has come (MaxNorm(x)(c) = x(c)/max x):
 
     τ^T(c) = MaxNorm(p̃)(c) · τ^T          τ^S(c) = MaxNorm(ũ)(c) · τ^S
@@ -50,6 +53,10 @@ def max_norm(values: np.ndarray) -> np.ndarray:
     return values / top if top > 0 else np.ones_like(values)
 
 
+def _global_statistic(values: np.ndarray, quantile: float | None) -> float:
+    return float(values.mean() if quantile is None else np.quantile(values, quantile))
+
+
 @dataclass
 class ThresholdState:
     """The moving averages carried from epoch to epoch (saved in every checkpoint)."""
@@ -60,14 +67,15 @@ class ThresholdState:
     student_class: list[float] | None = None
 
     def update(self, teacher_probs: np.ndarray, teacher_labels: np.ndarray, uncertainty: np.ndarray, momentum: float,
-               student: bool = True):
+               student: bool = True, teacher_quantile: float | None = None, student_quantile: float | None = None):
         """Move the averages by this epoch's statistics; ``student=False`` (warm-up) leaves the student's alone:
         an untrained student is uniformly unsure, and averaging that in would hold τ^S near 1 for many epochs."""
         num_classes = teacher_probs.shape[1]
         confidence = teacher_probs[np.arange(len(teacher_labels)), teacher_labels]
-        observed = {"teacher_global": confidence.mean(), "teacher_class": teacher_probs.mean(axis=0)}
+        observed = {"teacher_global": _global_statistic(confidence, teacher_quantile),
+                    "teacher_class": teacher_probs.mean(axis=0)}
         if student:
-            observed["student_global"] = uncertainty.mean()
+            observed["student_global"] = _global_statistic(uncertainty, student_quantile)
             observed["student_class"] = np.array([
                 uncertainty[teacher_labels == c].mean() if (teacher_labels == c).any() else np.nan
                 for c in range(num_classes)
@@ -153,6 +161,8 @@ def select(
     rng: np.random.Generator,
     fraction: float = 0.3,
     teacher_confidence_threshold: float | None = None,
+    teacher_quantile: float | None = None,
+    student_quantile: float | None = None,
 ) -> Selection:
     """Update the moving averages with this epoch's scores and choose the samples to train on.
 
@@ -162,7 +172,8 @@ def select(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown selection strategy {strategy!r}; choose one of {STRATEGIES}")
-    state.update(scores.teacher_probs, scores.teacher_labels, scores.student_uncertainty, momentum, student=not warmup)
+    state.update(scores.teacher_probs, scores.teacher_labels, scores.student_uncertainty, momentum, student=not warmup,
+                 teacher_quantile=teacher_quantile, student_quantile=student_quantile)
     teacher_thr, student_thr = state.thresholds()
     llkd = llkd_mask(scores, teacher_thr, student_thr, warmup)
     budget = int(llkd.sum())

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from ray import serve
 
-from llkd_ray import __version__
+from llkd_ray import __version__, storage
 from llkd_ray.config import ServeConfig
 from llkd_ray.student import STUDENT_METADATA
 
@@ -45,13 +45,13 @@ class BadRequest(Exception):
         self.status, self.message = status, message
 
 
-def resolve_student_dir(run_dir_or_model: str) -> Path:
-    """A run directory (its ``student/``) or an exported student directory."""
-    path = Path(run_dir_or_model)
-    if (path / "student" / "config.json").is_file():
-        return path / "student"
-    if (path / "config.json").is_file():
-        return path
+def resolve_student_dir(run_dir_or_model: str) -> str:
+    """A run directory (its ``student/``) or an exported student directory, local or on a URI (``s3://...``):
+    the absolute path or the URI of the student itself."""
+    base = run_dir_or_model if storage.is_uri(run_dir_or_model) else str(Path(run_dir_or_model).resolve())
+    for candidate in (storage.join(base, "student"), base):
+        if storage.exists(storage.join(candidate, "config.json")):
+            return candidate
     raise FileNotFoundError(f"{run_dir_or_model}: neither a run directory with student/ nor an exported student")
 
 
@@ -102,11 +102,13 @@ class StudentClassifier:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.options = ServeConfig.model_validate(options)
-        self.network = AutoModelForSequenceClassification.from_pretrained(student_dir).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(student_dir)
+        # A student on a URI is fetched by each replica, on whichever node it lands.
+        local_dir = storage.fetch_directory(student_dir) if storage.is_uri(student_dir) else Path(student_dir)
+        self.network = AutoModelForSequenceClassification.from_pretrained(local_dir).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(local_dir)
         if torch.cuda.is_available():
             self.network.to("cuda")
-        metadata_path = Path(student_dir) / STUDENT_METADATA
+        metadata_path = local_dir / STUDENT_METADATA
         self.metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
         self.labels = [self.network.config.id2label[i] for i in range(self.network.config.num_labels)]
         self.max_length = self.options.max_length or self.metadata.get("max_length") or 512
@@ -185,7 +187,7 @@ def build_app(student: str, options: ServeConfig):
         autoscaling_config={"min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
                             "target_ongoing_requests": options.target_ongoing_requests},
         max_ongoing_requests=max(options.max_batch_size * 2, 8),
-    ).bind(str(student_dir.resolve()), options.model_dump())
+    ).bind(student_dir, options.model_dump())
 
 
 def app_builder(args: dict):

@@ -14,7 +14,7 @@ import yaml
 
 from llkd_ray.corpus import load_rotten_tomatoes
 from llkd_ray.labeling import run_labeling
-from llkd_ray.pseudo_label_store import PseudoLabelStore
+from llkd_ray.pseudo_label_store import PseudoLabelStore, read_labels
 from tests.conftest import GPU_NODE_RESOURCE, RAY, make_config, node_id_with_resource
 
 pytestmark = pytest.mark.slow
@@ -35,38 +35,63 @@ def teacher_nodes() -> set[str]:
     return {actor.node_id for actor in actors}
 
 
+def submit_when_ready(command: list[str], dashboard: str) -> subprocess.CompletedProcess:
+    """Run a submitting command; a freshly started head takes a few seconds before its job agent accepts jobs."""
+    for _ in range(12):
+        submitted = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT,
+                                   env={**os.environ, "RAY_ADDRESS": dashboard})
+        if "No available agent to submit job" not in submitted.stderr + submitted.stdout:
+            return submitted
+        time.sleep(5)
+    return submitted
+
+
 def test_submitted_run_places_the_teacher_on_the_gpu_node(ray_cluster, tmp_path):
+    """`ray job submit --working-dir .` of jobs/run.py, every output on a filesystem URI (as on s3://)."""
     corpus = write_corpus(tmp_path / "corpus.jsonl", 120, seed=31)
+    remote = f"file://{tmp_path}/bucket"
     cfg = make_config(
         corpus={"source": str(corpus), "gold_column": "label"},
         teacher={"resources": {GPU_NODE_RESOURCE: 1}, "num_cpus": 0.5},
-        store={"path": str(tmp_path / "store")},
+        store={"path": f"{remote}/store"},
         student={"max_length": 48},
-        training={"strategy": "ddp", "epochs": 1, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "ray")},
+        training={"strategy": "ddp", "epochs": 1, "cpus_per_worker": 0.5, "storage_path": f"{remote}/ray"},
         evaluation={"holdout": 30},
-        output={"name": "submitted", "dir": str(tmp_path / "runs")},
+        output={"name": "submitted", "dir": f"{remote}/runs"},
     )
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump()))
     before = teacher_nodes()
-    for _ in range(12):  # a freshly started head takes a few seconds before its job agent accepts jobs
-        submitted = subprocess.run(
-            # No --working-dir upload here: both test nodes live on one host and share Ray's runtime-env cache,
-            # so the "GPU" node garbage-collecting the package when its workers exit would delete the driver's
-            # working directory. Real nodes have their own disks; the entry point is the same.
-            [RAY, "job", "submit", "--address", ray_cluster.dashboard,
-             "--", "bash", "-c", f"cd {ROOT} && python jobs/run.py --config {config_file}"],
-            capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_ADDRESS": ray_cluster.dashboard},
-        )
-        if "No available agent to submit job" not in submitted.stderr + submitted.stdout:
-            break
-        time.sleep(5)
+    submitted = submit_when_ready([RAY, "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", ".",
+                                   "--", "python", "jobs/run.py", "--config", str(config_file)], ray_cluster.dashboard)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in submitted.stdout.lower()
-    run_dir = tmp_path / "runs" / "submitted"
-    for name in ("report.md", "metrics.json", "student/config.json", "selection.png"):
+    assert "published to file://" in submitted.stdout
+    run_dir = tmp_path / "bucket" / "runs" / "submitted"
+    for name in ("config.yaml", "report.md", "metrics.json", "student/config.json", "selection.png"):
         assert (run_dir / name).exists(), name
+    assert (tmp_path / "bucket" / "store").is_dir() and (tmp_path / "bucket" / "ray" / "submitted").is_dir()
     assert teacher_nodes() - before == {node_id_with_resource(GPU_NODE_RESOURCE)}
+
+
+def test_llkd_submit_uploads_the_checkout_and_follows_the_job(ray_cluster, tmp_path):
+    """`llkd submit label` through the Job Submission API: the checkout is uploaded as the job's working dir."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl", 40, seed=51)
+    cfg = make_config(corpus={"source": str(corpus)}, teacher={"num_cpus": 0.5},
+                      store={"path": str(tmp_path / "store")})
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump()))
+    llkd = str(Path(RAY).with_name("llkd"))
+    submitted = submit_when_ready([llkd, "submit", "label", "--address", ray_cluster.dashboard,
+                                   "--config", str(config_file)], ray_cluster.dashboard)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    job_id = submitted.stdout.split("submitted label as ")[1].split()[0]
+    assert f"job {job_id} SUCCEEDED" in submitted.stdout
+    from ray.job_submission import JobSubmissionClient
+
+    runtime_env = JobSubmissionClient(ray_cluster.dashboard).get_job_info(job_id).runtime_env
+    assert runtime_env["working_dir"].startswith("gcs://")  # uploaded, not a path on the submitting machine
+    assert sorted(read_labels(cfg)["source"].to_pylist()) == sorted(f"{corpus}:{n}" for n in range(1, 41))
 
 
 def raylet_pid(node_manager_port: int) -> int:

@@ -46,6 +46,17 @@ def test_thresholds_move_by_the_momentum():
     np.testing.assert_allclose(selection.teacher_thresholds, [0.75, 0.75])  # the teacher does not change
 
 
+def test_quantile_statistics_replace_the_global_means():
+    selection = run(teacher_quantile=0.75, student_quantile=0.25)
+    # c sorted = (.6, .7, .8, .9): the .75 quantile (linear) is .825; p̃ = (.5, .5) → τ^T(c) = (.825, .825)
+    np.testing.assert_allclose(selection.teacher_thresholds, [0.825, 0.825])
+    # u sorted = (.46900, .72193, .97095, 1): the .25 quantile is .46900 + .75·(.72193 - .46900) = .65870;
+    # MaxNorm(ũ) = (.86775, 1) as before → τ^S(c) = (.57159, .65870)
+    np.testing.assert_allclose(selection.student_thresholds, [0.57159, 0.65870], atol=1e-5)
+    # only sample 0 (c = .9) clears .825, and its u = 1 clears .572
+    assert selection.mask.tolist() == [True, False, False, False]
+
+
 def test_per_class_teacher_threshold_follows_the_class_prior():
     teacher = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.45, 0.55]])
     state = ThresholdState()

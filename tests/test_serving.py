@@ -47,7 +47,9 @@ def server(ray_cluster, exported_student):
     options = ServeConfig(port=port, max_texts=8, max_text_chars=200, overlong="reject", num_cpus=0.5,
                           max_batch_size=16, batch_wait_timeout_s=0.2)
     serve.start(http_options={"host": "127.0.0.1", "port": port})  # one HTTP proxy per cluster: started once
-    serve.run(build_app(str(exported_student), options), name="student", route_prefix="/", blocking=False)
+    # Served from the run directory's URI, as from s3://: the replica fetches the student through pyarrow.
+    run_dir_uri = f"file://{exported_student.parent}"
+    serve.run(build_app(run_dir_uri, options), name="student", route_prefix="/", blocking=False)
     yield serve_base_url()
     serve.delete("student")
 
@@ -77,6 +79,7 @@ def test_health_metadata_and_docs(server):
     metadata = requests.get(f"{server}/v1/metadata", timeout=30).json()
     assert metadata["labels"] == ["positive", "negative", "neutral"] and metadata["version"]
     assert metadata["training"]["max_length"] == 64
+    assert metadata["model"].startswith("file://") and metadata["model"].endswith("/student")
     assert "/v1/classify" in requests.get(f"{server}/openapi.json", timeout=30).json()["paths"]
 
 

@@ -99,3 +99,20 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path, pool
     assert marker.exists()  # the worker process really died at epoch 2
     assert [h["epoch"] for h in result.history] == [1, 2, 3]  # epoch 1 came from the checkpoint, not redone
     assert (result.student_dir / "config.json").exists()
+
+
+def test_length_grouped_batches_cover_each_selected_sample_once():
+    from llkd_ray.training import _length_grouped_batches
+
+    lengths = np.random.default_rng(1).integers(5, 300, size=1000)
+    positions = np.flatnonzero(np.random.default_rng(2).uniform(size=1000) < 0.4)
+    batches = _length_grouped_batches(positions, lengths, 16, np.random.default_rng(3))
+    assert sorted(i for batch in batches for i in batch) == positions.tolist()
+    windows = -(-len(positions) // (16 * 64))
+    assert sum(len(batch) < 16 for batch in batches) <= windows  # only a window's last batch may be short
+    # Similar lengths share a batch: far less spread inside a batch than across the selection.
+    spread = np.mean([np.ptp(lengths[batch]) for batch in batches if len(batch) > 1])
+    assert spread < 0.2 * np.ptp(lengths[positions])
+    # and the order is still random: the batch order is not sorted by length
+    firsts = [lengths[batch[0]] for batch in batches]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)

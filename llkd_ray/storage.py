@@ -1,0 +1,78 @@
+"""Paths that may live on any pyarrow filesystem: a local path, a shared mount, ``s3://``, ``gs://``, ``file://``.
+
+Multi-node runs need outputs every node can read. The pseudo-label store and Ray Train's storage write to the
+filesystem directly; a run directory is written locally (plots, the exported student and the report are made by
+local libraries) and published to its URI when the run ends; a student on a URI is fetched into a local cache by
+whoever loads it (a Serve replica on any node).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+CACHE = Path(os.environ.get("LLKD_RAY_CACHE", Path.home() / ".cache" / "llkd_ray"))
+
+
+def is_uri(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def resolve(path: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI."""
+    text = str(path)
+    return pafs.FileSystem.from_uri(text if is_uri(text) else os.path.abspath(text))
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def exists(path: str | Path) -> bool:
+    fs, inner = resolve(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+class RunDirectory:
+    """``<dir>/<name>``: written in ``local``; ``publish`` copies it to its URI (a no-op for a local path)."""
+
+    def __init__(self, directory: str, name: str):
+        self.target = join(directory, name)
+        if is_uri(directory):
+            self.local = Path(tempfile.mkdtemp(prefix=f"llkd-run-{name}-"))
+        else:
+            self.local = Path(self.target)
+        self.local.mkdir(parents=True, exist_ok=True)
+
+    def publish(self) -> str:
+        if is_uri(self.target):
+            fs, inner = resolve(self.target)
+            fs.create_dir(inner, recursive=True)
+            pafs.copy_files(str(self.local), inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        return self.target
+
+
+def fetch_directory(uri: str) -> Path:
+    """A local copy of a directory on a URI, cached under ~/.cache/llkd_ray/fetched by a hash of the URI and of
+    its listing (names, sizes, modification times), so a student re-exported to the same URI is fetched again.
+    The copy lands in a temporary directory and is renamed into place: a concurrent reader never sees half."""
+    fs, inner = resolve(uri)
+    if fs.get_file_info(inner).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri}: no such directory")
+    listing = sorted((info.path, info.size, info.mtime_ns) for info in fs.get_file_info(pafs.FileSelector(inner, recursive=True)))
+    key = hashlib.sha256(repr((uri, listing)).encode()).hexdigest()[:16]
+    destination = CACHE / "fetched" / key
+    if destination.exists():
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="fetching-", dir=destination.parent))
+    pafs.copy_files(inner, str(staging), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    try:
+        staging.rename(destination)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return destination
