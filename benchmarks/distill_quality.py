@@ -7,6 +7,7 @@ seeds) and the fraction of the pool each student ever trained on.
 
     python benchmarks/distill_quality.py                                  # embedded default + AG News
     python benchmarks/distill_quality.py --datasets rotten_tomatoes --seeds 0 1 2
+    python benchmarks/distill_quality.py store.path=runs/pseudo_labels --seeds 0   # overrides before the options
 Goals on the embedded default: LLKD ≥ teacher + 3 points and ≥ `all` + 2 points, using ≤ 30% of the pool.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ def dataset_overrides(name: str, work: Path) -> list[str]:
         }
         corpus = {"source": str(SHARED / "ag_news" / "test.csv"), "text_column": "description",
                   "gold_column": "label", "gold_map": {"1": "world", "2": "sports", "3": "business", "4": "science"},
-                  "limit": 2000}
+                  "limit": 5000}  # as many rows as the embedded default
         return store + [f"task={json.dumps(task)}", f"corpus={json.dumps(corpus)}"]
     raise SystemExit(f"unknown dataset {name}")
 
@@ -54,7 +55,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
     parser.add_argument("--work", default="runs/bench_distill", help="stores, checkpoints and run directories")
-    parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. training.epochs=6")
+    parser.add_argument("overrides", nargs="*",
+                        help="config overrides for every run, e.g. training.epochs=6 (before --seeds/--datasets)")
     args = parser.parse_args()
 
     import ray

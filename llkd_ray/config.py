@@ -159,6 +159,8 @@ class SelectionConfig(_Section):
     # looser gate (0.7: about the 30% most confident teacher labels are eligible).
     teacher_quantile: Optional[float] = Field(default=None, gt=0, lt=1)
     student_quantile: Optional[float] = Field(default=None, gt=0, lt=1)
+    # Each class keeps its share of the loss among the teacher-confident samples (see selection.py).
+    balance_classes: bool = True
     fraction: float = Field(default=0.3, gt=0, le=1)  # fixed_ratio: fraction of each class kept
     teacher_confidence_threshold: Optional[float] = Field(default=None, ge=0, le=1)  # teacher_confidence baseline
     seed: int = 0

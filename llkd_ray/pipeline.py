@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import yaml
 
@@ -78,7 +77,9 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
     if student:
         print(f"[llkd] holdout macro-F1: student {student['macro_f1']:.3f} vs teacher {teacher['macro_f1']:.3f};"
               f" student trained on {metrics['pool_fraction_used']:.1%} of the pool")
-    published = destination.publish()
-    print(f"[llkd] done in {metrics['seconds']:.0f} s: {report}"
-          + (f", published to {published}" if destination.local != Path(published) else ""), flush=True)
-    return published
+    if destination.is_remote:
+        print(f"[llkd] done in {metrics['seconds']:.0f} s: published to {destination.publish()}/{report.name}",
+              flush=True)
+    else:
+        print(f"[llkd] done in {metrics['seconds']:.0f} s: {report}", flush=True)
+    return destination.target

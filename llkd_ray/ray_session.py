@@ -1,6 +1,7 @@
 """Connecting to Ray: an existing cluster when one is named (or RAY_ADDRESS is set), else a local one."""
 from __future__ import annotations
 
+import json
 import os
 
 from llkd_ray.config import RayConfig
@@ -9,15 +10,23 @@ from llkd_ray.config import RayConfig
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "LLKD_CACHE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "DS_ACCELERATOR")
 
 
+def _set_by_the_job() -> set[str]:
+    """Env vars the Ray Job's own runtime_env sets (``llkd submit`` forwards the same ones): a job driver that
+    sets them again fails in ray.init with a runtime-env conflict."""
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    return set(((job_config.get("runtime_env") or {}).get("env_vars") or {}))
+
+
 def init_ray(cfg: RayConfig) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    env_vars = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+    taken = _set_by_the_job()
+    env_vars = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ and key not in taken}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
         return
     # Ray 2.60 turns token auth on by default; a cluster this process starts for itself needs none.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -29,6 +29,15 @@ learning rate keeps its meaning:
 
     w_i = c_i u_i / mean_{j selected} (c_j u_j)
 
+With ``balance_classes`` (on by default in the config) the normalisation is per class, and each class then carries the share of
+the loss it has among the teacher-confident samples (π(c), over [c_i >= τ^T(y_i)]), however many of its samples
+the student still finds uncertain. S is the selection, S_c its members of class c:
+
+    w_i = c_i u_i / mean_{j ∈ S_{y_i}} (c_j u_j) · π(y_i) |S| / |S_{y_i}|
+
+Without it, an epoch whose uncertain samples are mostly of one class pulls the student towards that class
+(measured on Rotten Tomatoes: holdout macro-F1 fell from .75 to .70 in one such epoch).
+
 During ``warmup_epochs`` the student's scores are not yet informative: only the teacher criterion applies, and
 the student's averages start at the first epoch after warm-up. The averages move once per epoch (FreeMatch moves
 them every step), so the momentum is per epoch and much lower than FreeMatch's 0.999.
@@ -128,19 +137,36 @@ class Selection:
     per_class: list[int] = field(default_factory=list)
 
 
+def teacher_confident(scores: PoolScores, teacher_thr: np.ndarray) -> np.ndarray:
+    return scores.teacher_confidence >= teacher_thr[scores.teacher_labels]
+
+
 def llkd_mask(scores: PoolScores, teacher_thr: np.ndarray, student_thr: np.ndarray, warmup: bool) -> np.ndarray:
-    labels = scores.teacher_labels
-    confident = scores.teacher_confidence >= teacher_thr[labels]
+    confident = teacher_confident(scores, teacher_thr)
     if warmup:
         return confident
-    return confident & (scores.student_uncertainty >= student_thr[labels])
+    return confident & (scores.student_uncertainty >= student_thr[scores.teacher_labels])
 
 
-def llkd_weights(scores: PoolScores, mask: np.ndarray) -> np.ndarray:
+def _normalised(raw: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """raw / its mean over ``mask``, 0 elsewhere (1 on the mask when the mean is 0)."""
+    mean = raw[mask].mean() if mask.any() else 0.0
+    return np.where(mask, raw / mean, 0.0) if mean > 0 else mask.astype(float)
+
+
+def llkd_weights(scores: PoolScores, mask: np.ndarray, confident: np.ndarray | None = None) -> np.ndarray:
+    """The formulas in the module docstring; ``confident`` (the teacher-confident mask) turns on class balance."""
     raw = scores.teacher_confidence * scores.student_uncertainty
-    weights = np.where(mask, raw, 0.0)
-    mean = weights[mask].mean() if mask.any() else 0.0
-    return weights / mean if mean > 0 else mask.astype(float)
+    if confident is None or not mask.any():
+        return _normalised(raw, mask)
+    labels, selected = scores.teacher_labels, int(mask.sum())
+    weights = np.zeros(len(raw))
+    for c in np.unique(labels[mask]):
+        members = mask & (labels == c)
+        share = (confident & (labels == c)).sum() / max(int(confident.sum()), 1)
+        weights += _normalised(raw, members) * share * selected / members.sum()
+    total = weights.sum()  # < |S| when a confident class has nothing selected: spread its share back
+    return weights * selected / total if total > 0 else mask.astype(float)
 
 
 def _top_k(values: np.ndarray, k: int) -> np.ndarray:
@@ -163,6 +189,7 @@ def select(
     teacher_confidence_threshold: float | None = None,
     teacher_quantile: float | None = None,
     student_quantile: float | None = None,
+    balance_classes: bool = False,
 ) -> Selection:
     """Update the moving averages with this epoch's scores and choose the samples to train on.
 
@@ -179,7 +206,8 @@ def select(
     budget = int(llkd.sum())
     size = len(scores.teacher_labels)
     if strategy == "llkd":
-        mask, weights = llkd, llkd_weights(scores, llkd)
+        confident = teacher_confident(scores, teacher_thr) if balance_classes else None
+        mask, weights = llkd, llkd_weights(scores, llkd, confident)
     else:
         if strategy == "all":
             mask = np.ones(size, dtype=bool)

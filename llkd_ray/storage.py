@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-CACHE = Path(os.environ.get("LLKD_RAY_CACHE", Path.home() / ".cache" / "llkd_ray"))
+from llkd_ray.model_sources import cache_root
 
 
 def is_uri(path: str | Path) -> bool:
@@ -38,34 +38,34 @@ def exists(path: str | Path) -> bool:
 
 
 class RunDirectory:
-    """``<dir>/<name>``: written in ``local``; ``publish`` copies it to its URI (a no-op for a local path)."""
+    """``<dir>/<name>``, written in ``local``: the directory itself, or for a URI a local staging directory that
+    ``publish`` copies to the URI and then removes."""
 
     def __init__(self, directory: str, name: str):
         self.target = join(directory, name)
-        if is_uri(directory):
-            self.local = Path(tempfile.mkdtemp(prefix=f"llkd-run-{name}-"))
-        else:
-            self.local = Path(self.target)
+        self.is_remote = is_uri(directory)
+        self.local = Path(tempfile.mkdtemp(prefix=f"llkd-run-{name}-")) if self.is_remote else Path(self.target)
         self.local.mkdir(parents=True, exist_ok=True)
 
     def publish(self) -> str:
-        if is_uri(self.target):
+        if self.is_remote:
             fs, inner = resolve(self.target)
             fs.create_dir(inner, recursive=True)
             pafs.copy_files(str(self.local), inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+            shutil.rmtree(self.local, ignore_errors=True)
         return self.target
 
 
 def fetch_directory(uri: str) -> Path:
-    """A local copy of a directory on a URI, cached under ~/.cache/llkd_ray/fetched by a hash of the URI and of
-    its listing (names, sizes, modification times), so a student re-exported to the same URI is fetched again.
+    """A local copy of a directory on a URI, cached under ~/.cache/llkd_ray/fetched ($LLKD_CACHE) by a hash of
+    the URI and of its listing (names, sizes, modification times): a student re-exported there is fetched again.
     The copy lands in a temporary directory and is renamed into place: a concurrent reader never sees half."""
     fs, inner = resolve(uri)
     if fs.get_file_info(inner).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{uri}: no such directory")
     listing = sorted((info.path, info.size, info.mtime_ns) for info in fs.get_file_info(pafs.FileSelector(inner, recursive=True)))
     key = hashlib.sha256(repr((uri, listing)).encode()).hexdigest()[:16]
-    destination = CACHE / "fetched" / key
+    destination = cache_root() / "fetched" / key
     if destination.exists():
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)

@@ -309,6 +309,7 @@ def train_loop(loop_config: dict) -> None:
             teacher_confidence_threshold=cfg.selection.teacher_confidence_threshold,
             teacher_quantile=cfg.selection.teacher_quantile,
             student_quantile=cfg.selection.student_quantile,
+            balance_classes=cfg.selection.balance_classes,
         )
         used |= selection.mask
         positions = np.flatnonzero(selection.mask[local_index])

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from llkd_ray.selection import PoolScores, ThresholdState, normalized_entropy, select
+from llkd_ray.selection import PoolScores, ThresholdState, llkd_weights, normalized_entropy, select
 
 # Four samples, two classes. Teacher confidence c = (.9, .6, .8, .7) for teacher labels (0, 0, 1, 1).
 TEACHER = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7]])
@@ -33,6 +33,25 @@ def test_first_epoch_thresholds_selection_and_weights():
     assert selection.llkd_count == 2 and selection.per_class == [1, 1]
     # w = c·u / mean over selected: .9 and .77676, mean .83838
     np.testing.assert_allclose(selection.weights, [1.07350, 0.0, 0.92650, 0.0], atol=1e-5)
+
+
+def test_class_balanced_weights():
+    # Six samples: teacher-confident are 0-4 (classes 0,0,0,1,1 → π = (.6, .4)); selected are 0, 1 (class 0) and
+    # 3 (class 1), so |S| = 3, |S_0| = 2, |S_1| = 1.
+    teacher = np.array([[0.9, 0.1], [0.8, 0.2], [0.95, 0.05], [0.1, 0.9], [0.2, 0.8], [0.6, 0.4]])
+    scores = PoolScores(teacher, teacher.argmax(1), np.array([[0.5, 0.5], [0.7, 0.3], [0.99, 0.01],
+                                                              [0.6, 0.4], [0.98, 0.02], [0.5, 0.5]]))
+    mask = np.array([True, True, False, True, False, False])
+    confident = np.array([True, True, True, True, True, False])
+    weights = llkd_weights(scores, mask, confident)
+    # c·u: sample 0 = .9·1 = .9, sample 1 = .8·.88129 = .70503 → class-0 mean .80252;
+    # w = (.9/.80252, .70503/.80252) · .6 · 3/2 and w_3 = 1 · .4 · 3/1
+    np.testing.assert_allclose(weights, [1.00933, 0.79067, 0, 1.2, 0, 0], atol=1e-5)
+    assert weights.sum() == pytest.approx(3.0)  # still mean 1 over the selection
+    # Without balance: c·u / its mean over all three selected
+    plain = llkd_weights(scores, mask)
+    raw = np.array([0.9, 0.70503, 0.9 * 0.97095])
+    np.testing.assert_allclose(plain[[0, 1, 3]], raw / raw.mean(), atol=1e-4)
 
 
 def test_thresholds_move_by_the_momentum():
