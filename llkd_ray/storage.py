@@ -22,10 +22,14 @@ def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
 
 
+def absolute(path: str | Path) -> str:
+    """A URI as it is, a local path made absolute (what pyarrow and Ray Train's storage_path take)."""
+    return str(path) if is_uri(path) else os.path.abspath(path)
+
+
 def resolve(path: str | Path) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI."""
-    text = str(path)
-    return pafs.FileSystem.from_uri(text if is_uri(text) else os.path.abspath(text))
+    return pafs.FileSystem.from_uri(absolute(path))
 
 
 def join(base: str, *parts: str) -> str:
@@ -63,7 +67,8 @@ def fetch_directory(uri: str) -> Path:
     fs, inner = resolve(uri)
     if fs.get_file_info(inner).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{uri}: no such directory")
-    listing = sorted((info.path, info.size, info.mtime_ns) for info in fs.get_file_info(pafs.FileSelector(inner, recursive=True)))
+    files = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    listing = sorted((info.path, info.size, info.mtime_ns) for info in files)
     key = hashlib.sha256(repr((uri, listing)).encode()).hexdigest()[:16]
     destination = cache_root() / "fetched" / key
     if destination.exists():

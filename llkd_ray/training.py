@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from llkd_ray.config import Config
+from llkd_ray.storage import absolute
 
 STATE_FILE = "llkd_state.json"
 STUDENT_DIR = "student"
@@ -109,7 +110,7 @@ def train_student(cfg: Config, pool: pa.Table, holdout: pa.Table, run_dir: Path,
         ),
         run_config=RunConfig(
             name=cfg.output.name,
-            storage_path=training.storage_path if "://" in training.storage_path else os.path.abspath(training.storage_path),
+            storage_path=absolute(training.storage_path),
             failure_config=FailureConfig(max_failures=training.max_failures),
         ),
         datasets={

@@ -67,7 +67,8 @@ class TestCluster:
         gets its own temp dir, as real nodes have their own disks: nodes sharing one would share the runtime-env
         cache, and one node deleting a job's working directory would pull it from under the other's driver."""
         port = free_port()
-        subprocess.run([RAY, "start", "--address", self.address, f"--num-cpus={num_cpus}", f"--temp-dir=/tmp/llkd_n{port}",
+        subprocess.run([RAY, "start", "--address", self.address, f"--num-cpus={num_cpus}",
+                        f"--temp-dir=/tmp/llkd_n{port}",
                         f"--resources={json.dumps(resources)}", f"--node-manager-port={port}",
                         "--object-store-memory=200000000", "--disable-usage-stats"],
                        check=True, capture_output=True, timeout=120)
