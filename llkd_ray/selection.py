@@ -141,8 +141,8 @@ def teacher_confident(scores: PoolScores, teacher_thr: np.ndarray) -> np.ndarray
     return scores.teacher_confidence >= teacher_thr[scores.teacher_labels]
 
 
-def llkd_mask(scores: PoolScores, teacher_thr: np.ndarray, student_thr: np.ndarray, warmup: bool) -> np.ndarray:
-    confident = teacher_confident(scores, teacher_thr)
+def llkd_mask(scores: PoolScores, confident: np.ndarray, student_thr: np.ndarray, warmup: bool) -> np.ndarray:
+    """The LLKD selection, given the teacher-confident mask: during warm-up that mask alone."""
     if warmup:
         return confident
     return confident & (scores.student_uncertainty >= student_thr[scores.teacher_labels])
@@ -202,12 +202,12 @@ def select(
     state.update(scores.teacher_probs, scores.teacher_labels, scores.student_uncertainty, momentum, student=not warmup,
                  teacher_quantile=teacher_quantile, student_quantile=student_quantile)
     teacher_thr, student_thr = state.thresholds()
-    llkd = llkd_mask(scores, teacher_thr, student_thr, warmup)
+    confident = teacher_confident(scores, teacher_thr)
+    llkd = llkd_mask(scores, confident, student_thr, warmup)
     budget = int(llkd.sum())
     size = len(scores.teacher_labels)
     if strategy == "llkd":
-        confident = teacher_confident(scores, teacher_thr) if balance_classes else None
-        mask, weights = llkd, llkd_weights(scores, llkd, confident)
+        mask, weights = llkd, llkd_weights(scores, llkd, confident if balance_classes else None)
     else:
         if strategy == "all":
             mask = np.ones(size, dtype=bool)

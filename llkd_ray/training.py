@@ -170,8 +170,8 @@ def _chunks(items: list, size: int) -> list[list]:
 def _score(engine, encode, texts: list[str], batch_size: int, collective: _Collective, num_labels: int) -> np.ndarray:
     """Student probabilities for ``texts``; every worker runs the same number of forwards (collectives inside).
 
-    Texts are batched in order of length, so a batch pads to its own longest text rather than the shard's:
-    scoring the pool got ~2.5x faster on short snippets."""
+    Texts are batched in order of length, so a batch pads to its own longest text rather than the shard's
+    (on Rotten Tomatoes snippets, pool scoring went from 81 to 119 rows/s)."""
     import torch
 
     by_length = np.argsort([len(text) for text in texts], kind="stable")
