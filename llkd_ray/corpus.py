@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from llkd_ray.config import CorpusConfig
@@ -202,6 +203,14 @@ def read_corpus(cfg: CorpusConfig):
     if cfg.limit and not all(s.startswith("builtin:") for s in cfg.sources):
         ds = ds.limit(cfg.limit)
     return ds.repartition(target_num_rows_per_block=cfg.rows_per_block)
+
+
+def corpus_ids(cfg: CorpusConfig) -> set[str]:
+    """The ids of the corpus's usable rows (one extra pass over the corpus)."""
+    ids: set[str] = set()
+    for batch in read_corpus(cfg).select_columns(["id", "reject_reason"]).iter_batches(batch_format="pyarrow"):
+        ids.update(batch.filter(pc.is_null(batch["reject_reason"]))["id"].to_pylist())
+    return ids
 
 
 def preflight(source: str, cfg: CorpusConfig) -> None:

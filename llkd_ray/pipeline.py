@@ -26,6 +26,7 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
     import torch  # noqa: F401
 
     from llkd_ray import plots
+    from llkd_ray.corpus import corpus_ids
     from llkd_ray.evaluation import evaluate, teacher_confidence_quality
     from llkd_ray.labeling import run_labeling
     from llkd_ray.pseudo_label_store import read_labels, stored_counts
@@ -46,7 +47,7 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
     else:
         labeling = stored_counts(cfg)  # fails with a clear message before any cluster starts
         init_ray(cfg.ray)
-    labels = read_labels(cfg)
+    labels = read_labels(cfg, ids=corpus_ids(cfg.corpus))  # the store may hold other corpora's rows too
     pool, holdout = split_pool_and_holdout(labels, cfg)
     print(f"[llkd] stage 2/3: student trains ({cfg.selection.strategy} selection) on a pool of {pool.num_rows};"
           f" {holdout.num_rows} gold-labelled rows held out", flush=True)

@@ -236,13 +236,19 @@ def _empty_rejects() -> pa.Table:
     return pa.table({name: pa.array([], type=pa.string()) for name in ("id", "text", "source", "reject_reason")})
 
 
-def read_labels(cfg: Config) -> pa.Table:
-    """The consolidated pseudo-labels for this config (run ``llkd label`` first)."""
+def read_labels(cfg: Config, ids: set[str] | None = None) -> pa.Table:
+    """The consolidated pseudo-labels for this config (run ``llkd label`` first).
+
+    The store holds every row this teacher and prompt ever labelled, whatever corpus it came from (so a bigger
+    corpus reuses a smaller one's labels); ``ids`` keeps the rows of one corpus (``corpus.corpus_ids``)."""
     store = PseudoLabelStore(cfg)
     try:
-        return pq.read_table(f"{store.root}/labels.parquet", filesystem=store.fs)
+        labels = pq.read_table(f"{store.root}/labels.parquet", filesystem=store.fs)
     except FileNotFoundError:
         raise _not_labeled(store) from None
+    if ids is None:
+        return labels
+    return labels.filter(pc.is_in(labels["id"], value_set=pa.array(sorted(ids), type=pa.string())))
 
 
 def stored_counts(cfg: Config) -> dict:

@@ -5,7 +5,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llkd_ray.pseudo_label_store import PseudoLabelStore, label_fingerprint, teacher_fingerprint
+from llkd_ray.corpus import corpus_ids, load_rotten_tomatoes
+from llkd_ray.pseudo_label_store import PseudoLabelStore, label_fingerprint, read_labels, teacher_fingerprint
 from llkd_ray.teacher import SCORED_SCHEMA
 from tests.conftest import make_config
 
@@ -79,3 +80,17 @@ def test_uncalibrated_labels_come_from_the_raw_distribution(tmp_path):
     labels = pq.read_table(store.finalize().labels_path).to_pylist()
     assert [row["label"] for row in labels] == ["positive", "positive"]  # calibrated, b would be negative
     assert labels[1]["confidence"] == np.float32(0.7)
+
+
+def test_read_labels_keeps_the_rows_of_the_configured_corpus(tmp_path, ray_cluster):
+    """One store serves every corpus labelled with this teacher and prompt; a run trains on its own corpus only."""
+    big = make_config(store={"path": str(tmp_path / "s")}, corpus={"limit": 6})
+    small = make_config(store={"path": str(tmp_path / "s")}, corpus={"limit": 4})
+    rows = load_rotten_tomatoes(seed=big.corpus.seed, limit=6).to_pylist()
+    store = PseudoLabelStore(big)
+    store.commit(scored([{"id": r["id"], "text": r["text"], "source": r["source"], "probs_raw": [0.8, 0.2],
+                          "label_mass": 1.0} for r in rows]))
+    store.finalize()
+    assert corpus_ids(small.corpus) == {r["id"] for r in rows[:4]}
+    assert read_labels(small, ids=corpus_ids(small.corpus))["id"].to_pylist() == [r["id"] for r in rows[:4]]
+    assert read_labels(small).num_rows == 6
