@@ -3,7 +3,8 @@
 For each dataset the teacher labels the corpus once (the store is reused across runs of this script); then every
 selector trains the same student with the same seeds through the same Ray Train loop, and all are evaluated on
 the same gold-labelled holdout. Prints macro-F1 of the teacher and of each selector's student (mean ± std over
-seeds) and the fraction of the pool each student ever trained on.
+seeds) and the fraction of the pool each student ever trained on, and a `gold_labels` row: the same student
+trained on the pool's gold labels, the most it can reach on that pool.
 
     python benchmarks/distill_quality.py                                  # embedded default + AG News
     python benchmarks/distill_quality.py --datasets rotten_tomatoes --seeds 0 1 2
@@ -105,7 +106,8 @@ def main() -> None:
                 name = f"{dataset}-{strategy}-seed{seed}"
                 ceiling = strategy == GOLD_CEILING
                 run_cfg = load_config(None, base + [
-                    f"selection.strategy={'all' if ceiling else strategy}", f"selection.seed={seed}", f"training.seed={seed}",
+                    f"selection.strategy={'all' if ceiling else strategy}",
+                    f"selection.seed={seed}", f"training.seed={seed}",
                     f"training.storage_path={work}/ray_results", f"output.name={name}", f"output.dir={work}/runs",
                     "training.strategy=ddp"])
                 trained = train_student(run_cfg, with_gold_labels(pool) if ceiling else pool, holdout,

@@ -50,11 +50,24 @@ def run_labeling(cfg: Config) -> StoreSummary:
     init_ray(cfg.ray)
     store = PseudoLabelStore(cfg)
     stored = store.stored_sources()
+    ds = read_corpus(cfg.corpus)
+    labeled = rejected = 0
     if stored:
         print(f"[llkd] resuming: {len(stored)} rows already in {store.display_root}")
-    ds = read_corpus(cfg.corpus)
-    if stored:
         ds = ds.map_batches(_skip_stored, fn_kwargs={"stored": stored}, batch_format="pyarrow")
+    # When resuming, one pass over the corpus without the teacher first: if nothing is left, no engine loads and,
+    # on a cloud cluster, no GPU node is launched to find that out (`llkd run` again with a new training config).
+    if stored and ds.count() == 0:
+        print("[llkd] every corpus row is already in the store: the teacher is not started")
+    else:
+        labeled, rejected = _label(cfg, ds, store)
+    summary = store.finalize(labeled_this_run=labeled, rejected_this_run=rejected, resumed_rows=len(stored))
+    print(f"[llkd] {summary.describe()}")
+    return summary
+
+
+def _label(cfg: Config, ds, store: PseudoLabelStore) -> tuple[int, int]:
+    """Stream the rows through the teacher actors, committing each batch; returns (labeled, rejected)."""
     ds = ds.map_batches(
         TeacherActor,
         fn_constructor_kwargs={"config": cfg},
@@ -70,6 +83,4 @@ def run_labeling(cfg: Config) -> StoreSummary:
             labeled, rejected = labeled + new_labeled, rejected + new_rejected
             progress.update(batch.num_rows)
             progress.set_postfix(labeled=labeled, rejected=rejected)
-    summary = store.finalize(labeled_this_run=labeled, rejected_this_run=rejected, resumed_rows=len(stored))
-    print(f"[llkd] {summary.describe()}")
-    return summary
+    return labeled, rejected

@@ -99,3 +99,10 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(ray_cluster, tmp_
     assert sorted(sources) == sorted(f"{corpus}:{n}" for n in range(1, len(records) + 1))  # each row exactly once
     ids = pq.read_table(summary.labels_path, columns=["id"])["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 200
+
+    # Everything is stored: a third run does not start the teacher. This teacher could not start (its context is
+    # too short for the prompts), and max_model_len does not change the labels, so the store is the same one.
+    unstartable = make_config(**{**sections, "teacher": {"batch_size": 8, "vllm": {"max_model_len": 16}}})
+    assert PseudoLabelStore(unstartable).root == store.root
+    again = run_labeling(unstartable)
+    assert (again.labeled_this_run, again.rejected_this_run, again.rows, again.labeled) == (0, 0, 203, 200)
