@@ -1,67 +1,117 @@
-"""``llkd``: the command line. Each subcommand is a thin recipe over the library."""
+"""``llkd``: the command line. Each subcommand is a thin recipe over the library.
+
+Options and ``key=value`` overrides mix in any order, as with ``ray`` and ``torchrun``: a ``key=value`` token is an
+override wherever it stands, unless it is the value of an option (``--config a=b.yaml``).
+"""
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 import sys
 
+from llkd_ray import __version__
 from llkd_ray.config import ConfigError, load_config
 
+logger = logging.getLogger("llkd_ray")
+OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*=")
+OPTIONS_WITH_VALUES = ("--config", "--address")
+CONSOLE_COMMANDS = ("run", "label", "train", "serve")  # quiet terminal, full log in the run directory
 
-def _config_args(parser: argparse.ArgumentParser) -> None:
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the other arguments, the key=value overrides), each in its original order."""
+    rest, overrides = [], []
+    for position, token in enumerate(argv):
+        after_option = position > 0 and argv[position - 1] in OPTIONS_WITH_VALUES
+        (overrides if OVERRIDE.match(token) and not after_option else rest).append(token)
+    return rest, overrides
+
+
+def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (default: the embedded default, Rotten Tomatoes)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.batch_size=32")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's, vLLM's and DeepSpeed's own logs in the terminal too")
+    parser.epilog = "Overrides: key=value anywhere on the line, e.g. teacher.batch_size=32 training.epochs=3"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llkd", description="LLM knowledge distillation on Ray")
+    parser.add_argument("--version", action="version", version=f"llkd-ray {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    _config_args(commands.add_parser("run", help="label, train and evaluate: the whole LLKD pipeline"))
-    _config_args(commands.add_parser("label", help="pseudo-label the corpus with the teacher LLM"))
-    _config_args(commands.add_parser("train", help="train and evaluate the student on the labels already stored"))
-    _config_args(commands.add_parser("check-config", help="validate a config and print it resolved"))
+    _common_args(commands.add_parser("run", help="label, train and evaluate: the whole LLKD pipeline"))
+    _common_args(commands.add_parser("label", help="pseudo-label the corpus with the teacher LLM"))
+    _common_args(commands.add_parser("train", help="train and evaluate the student on the labels already stored"))
+    _common_args(commands.add_parser("check-config", help="validate a config and print it resolved"))
     serve_parser = commands.add_parser("serve", help="serve a trained student over HTTP with Ray Serve")
-    serve_parser.add_argument("student", help="a run directory (uses its student/) or an exported student directory")
-    serve_parser.add_argument("--detach", action="store_true", help="deploy and return; the app keeps running")
-    _config_args(serve_parser)
+    serve_parser.add_argument("student", nargs="?",
+                              help="a run directory (uses its student/) or an exported student directory")
+    mode = serve_parser.add_mutually_exclusive_group()
+    mode.add_argument("--detach", action="store_true",
+                      help="deploy and return; the endpoint keeps running (on a local cluster started for it if"
+                           " none is running)")
+    mode.add_argument("--stop", action="store_true",
+                      help="stop a detached endpoint (and the local cluster `--detach` started, if it did)")
+    _common_args(serve_parser)
     submit_parser = commands.add_parser("submit", help="submit jobs/<job>.py to a Ray cluster (Job Submission API)")
     submit_parser.add_argument("job", choices=["label", "train", "run", "deploy"])
     submit_parser.add_argument("--address", help="the cluster's dashboard, e.g. http://head:8265 (or RAY_ADDRESS)")
     submit_parser.add_argument("--no-wait", action="store_true", help="return once submitted")
-    args, job_args = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args, unknown = parser.parse_known_args(rest)
     if args.command == "submit":
+        from llkd_ray.console import console
         from llkd_ray.submit import submit
 
-        submit(args.job, job_args, args.address, wait=not args.no_wait)
+        with console(None):  # the job's own log streams to this terminal: nothing to keep aside
+            submit(args.job, unknown + overrides, args.address, wait=not args.no_wait)
         return 0
-    if job_args:
-        parser.error(f"unrecognized arguments: {' '.join(job_args)}")
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "serve" and not args.stop and not args.student:
+        parser.error("serve: give a run directory or an exported student (or --stop)")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
     except ConfigError as error:
         print(f"llkd: {error}", file=sys.stderr)
         return 2
-    try:
-        _dispatch(args, cfg)
-    except FileNotFoundError as error:  # a missing model, corpus, store or student: say which, no traceback
-        print(f"llkd: {error}", file=sys.stderr)
-        return 2
-    return 0
+    if args.command not in CONSOLE_COMMANDS:
+        return _dispatch(args, cfg)
+
+    from llkd_ray.console import console
+    from llkd_ray.storage import command_log
+
+    log_file = command_log(cfg.output.dir, cfg.output.name, args.command)
+    with console(log_file, verbose=args.verbose):
+        try:
+            return _dispatch(args, cfg)
+        except FileNotFoundError as error:  # a missing model, corpus, store or student: say which, no traceback
+            logger.error("%s", error)
+            return 2
+        except KeyboardInterrupt:
+            logger.error("interrupted: run the same command again to resume where it stopped")
+            return 130
+        except Exception as error:
+            logging.getLogger("llkd.traceback").exception("failed")  # outside llkd_ray: to the log file only
+            logger.error("failed: %s: %s (the traceback is in %s)", type(error).__name__,
+                         str(error).splitlines()[0] if str(error) else "", log_file)
+            return 1
 
 
-def _dispatch(args: argparse.Namespace, cfg) -> None:
+def _dispatch(args: argparse.Namespace, cfg) -> int:
     if args.command == "check-config":
         import yaml
 
         print(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     elif args.command == "serve":
-        from llkd_ray.ray_session import init_ray
-        from llkd_ray.serving import resolve_student_dir, start_serving
+        from llkd_ray.serving import serve_command
 
-        resolve_student_dir(args.student)
-        init_ray(cfg.ray)
-        print(f"[llkd] serving {args.student} on http://{cfg.serve.host}:{cfg.serve.port} (docs at /docs)"
-              + ("" if args.detach else "; Ctrl-C stops"), flush=True)
-        start_serving(args.student, cfg.serve, blocking=not args.detach)
+        serve_command(args.student, cfg, detach=args.detach, stop=args.stop)
     elif args.command == "label":
         from llkd_ray.labeling import run_labeling
 
@@ -70,6 +120,7 @@ def _dispatch(args: argparse.Namespace, cfg) -> None:
         from llkd_ray.pipeline import run_pipeline
 
         run_pipeline(cfg, label=args.command == "run")
+    return 0
 
 
 def run_as_job(command: str, *fixed: str) -> None:

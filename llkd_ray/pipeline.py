@@ -12,11 +12,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import yaml
 
 from llkd_ray.config import Config
+
+logger = logging.getLogger(__name__)
 
 
 def run_pipeline(cfg: Config, label: bool = True) -> str:
@@ -42,17 +45,17 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
     names = cfg.task.label_names
 
     if label:
-        print("[llkd] stage 1/3: teacher labels the corpus", flush=True)
+        logger.info("stage 1/3: the teacher labels the corpus")
         labeling = vars(run_labeling(cfg))
     else:
         labeling = stored_counts(cfg)  # fails with a clear message before any cluster starts
         init_ray(cfg.ray)
     labels = read_labels(cfg, ids=corpus_ids(cfg.corpus))  # the store may hold other corpora's rows too
     pool, holdout = split_pool_and_holdout(labels, cfg)
-    print(f"[llkd] stage 2/3: student trains ({cfg.selection.strategy} selection) on a pool of {pool.num_rows};"
-          f" {holdout.num_rows} gold-labelled rows held out", flush=True)
+    logger.info("stage 2/3: the student (%s) trains with %s selection on a pool of %d rows; %d gold-labelled rows"
+                " held out", cfg.student.model, cfg.selection.strategy, pool.num_rows, holdout.num_rows)
     trained = train_student(cfg, pool, holdout, run_dir)
-    print("[llkd] stage 3/3: evaluation", flush=True)
+    logger.info("stage 3/3: evaluation, plots and report")
     evaluation = evaluate(trained.student_dir, holdout, names, cfg.student.max_length)
     quality = teacher_confidence_quality(labels, names, cfg.teacher.calibrate)
 
@@ -76,11 +79,10 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
     report = write_report(run_dir, cfg, metrics, pictures)
     student, teacher = evaluation.get("student", {}), evaluation.get("teacher", {})
     if student:
-        print(f"[llkd] holdout macro-F1: student {student['macro_f1']:.3f} vs teacher {teacher['macro_f1']:.3f};"
-              f" student trained on {metrics['pool_fraction_used']:.1%} of the pool")
+        logger.info("holdout macro-F1: student %.3f vs teacher %.3f; the student trained on %.1f%% of the pool",
+                    student["macro_f1"], teacher["macro_f1"], 100 * metrics["pool_fraction_used"])
     if destination.is_remote:
-        print(f"[llkd] done in {metrics['seconds']:.0f} s: published to {destination.publish()}/{report.name}",
-              flush=True)
+        logger.info("done in %.0f s: published to %s/%s", metrics["seconds"], destination.publish(), report.name)
     else:
-        print(f"[llkd] done in {metrics['seconds']:.0f} s: {report}", flush=True)
+        logger.info("done in %.0f s: %s", metrics["seconds"], report)
     return destination.target

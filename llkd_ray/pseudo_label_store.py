@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -31,6 +32,8 @@ from llkd_ray import storage
 from llkd_ray.config import Config
 from llkd_ray.label_scoring import calibrate, label_prior, pick_labels
 from llkd_ray.model_sources import model_identity
+
+logger = logging.getLogger(__name__)
 
 
 LABELS_SCHEMA = pa.schema(
@@ -113,7 +116,7 @@ class PseudoLabelStore:
             try:
                 sources.update(pq.read_table(path, columns=["source"], filesystem=self.fs)["source"].to_pylist())
             except (pa.ArrowInvalid, OSError):
-                print(f"[llkd] removing unreadable part {path} (interrupted write); its rows will be labeled again")
+                logger.warning("removing unreadable part %s (interrupted write); its rows will be labeled again", path)
                 self.fs.delete_file(path)
         return sources
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,11 @@ from pydantic import BaseModel
 from ray import serve
 
 from llkd_ray import __version__, storage
-from llkd_ray.config import ServeConfig
+from llkd_ray.config import Config, ServeConfig
 from llkd_ray.student import STUDENT_METADATA
+
+APP_NAME = "llkd-student"
+logger = logging.getLogger(__name__)
 
 
 class Prediction(BaseModel):
@@ -199,5 +203,56 @@ def app_builder(args: dict):
 
 def start_serving(student: str, options: ServeConfig, blocking: bool = True):
     serve.start(http_options={"host": options.host, "port": options.port})
-    handle = serve.run(build_app(student, options), name="llkd-student", route_prefix="/", blocking=blocking)
-    return handle
+    return serve.run(build_app(student, options), name=APP_NAME, route_prefix="/", blocking=blocking)
+
+
+def _cluster_address(cfg: Config) -> str | None:
+    from llkd_ray.local_cluster import running_cluster
+
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or running_cluster()
+
+
+def serve_command(student: str | None, cfg: Config, detach: bool = False, stop: bool = False) -> None:
+    """``llkd serve``: in the foreground (the endpoint lives as long as the command), detached (it outlives the
+    command, on a running cluster or on a local one started for it), or ``stop`` a detached endpoint."""
+    from llkd_ray import local_cluster
+    from llkd_ray.ray_session import init_ray
+
+    if stop:
+        return _stop_detached(cfg)
+    resolve_student_dir(student)  # a wrong path fails here, before any cluster starts
+    if detach:
+        address = _cluster_address(cfg)
+        if address is None:
+            logger.info("no Ray cluster is running: starting a local one that outlives this command")
+            address = local_cluster.start_local_cluster()
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # it listens on loopback only
+        cfg.ray.address = address
+    init_ray(cfg.ray)
+    logger.info("serving %s on http://%s:%d (docs at /docs)%s", student, cfg.serve.host, cfg.serve.port,
+                "" if detach else "; Ctrl-C stops")
+    try:
+        start_serving(student, cfg.serve, blocking=not detach)
+    except KeyboardInterrupt:
+        logger.info("stopped")
+        return
+    logger.info("detached: the endpoint keeps running after this command; `llkd serve --stop` stops it")
+
+
+def _stop_detached(cfg: Config) -> None:
+    from llkd_ray import local_cluster
+    from llkd_ray.ray_session import init_ray
+
+    address = _cluster_address(cfg)
+    if address is None:
+        logger.info("no Ray cluster is running: nothing to stop")
+        return
+    started = local_cluster.started_cluster()
+    if started and started["address"] == address:  # the cluster exists only for the endpoint: stop both
+        local_cluster.stop_local_cluster()
+        logger.info("stopped the endpoint and the local Ray cluster it ran on (%s)", address)
+        return
+    cfg.ray.address = address
+    init_ray(cfg.ray)
+    serve.delete(APP_NAME)
+    logger.info("stopped %s on the Ray cluster at %s (the cluster keeps running)", APP_NAME, address)

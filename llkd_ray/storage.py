@@ -36,6 +36,13 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
+def command_log(output_dir: str, name: str, command: str) -> Path:
+    """Where a command writes its full log: inside the run directory when that is local, else in the local cache
+    (a run directory on a URI is only written when the run ends)."""
+    base = cache_root() / "logs" / name if is_uri(output_dir) else Path(output_dir) / name
+    return base / f"{command}.log"
+
+
 def exists(path: str | Path) -> bool:
     fs, inner = resolve(path)
     return fs.get_file_info(inner).type != pafs.FileType.NotFound

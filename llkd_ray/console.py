@@ -1,0 +1,115 @@
+"""What a person sees in the terminal: a line per stage, one progress bar, a line per epoch and a summary.
+
+Everything else goes to the run's log file: Ray, Ray Data's progress tables, vLLM, DeepSpeed, transformers, Python
+warnings, C++ logs, and what Ray forwards from workers on every node. The process's stdout and stderr file
+descriptors are pointed at the log file, so nothing can slip past. The ``llkd_ray`` logger and the progress bar
+write to the terminal, which is kept aside. Worker lines that start with ``CONSOLE_TAG`` (a train worker's epoch
+line) are shown on the terminal too. ``verbose`` leaves the streams alone: everything reaches the terminal.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, TextIO
+
+LOGGER = "llkd_ray"
+CONSOLE_TAG = "[llkd] "  # a worker's line that starts with this belongs on the driver's terminal
+FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+logger = logging.getLogger(LOGGER)
+_terminal: TextIO | None = None  # the terminal's stderr, kept aside while fds 1 and 2 point at the log file
+
+
+def worker_console_line(message: str) -> None:
+    """From a Ray worker: a line for the driver's terminal (Ray forwards worker stdout to the driver)."""
+    print(CONSOLE_TAG + message, flush=True)
+
+
+def progress_stream() -> TextIO:
+    return _terminal or sys.stderr
+
+
+def _show_tagged_worker_lines(terminal: TextIO):
+    """A handler for Ray's stream of worker output on the driver: tagged lines go to the terminal (the rest is
+    printed by Ray's own handler into stdout, which is the log file)."""
+
+    shown: set[str] = set()  # Ray delivers a train worker's lines twice; every tagged line is unique (epoch n)
+
+    def handle(data: dict) -> None:
+        for line in data.get("lines", []):
+            if line.startswith(CONSOLE_TAG) and line not in shown:
+                shown.add(line)
+                terminal.write(line + "\n")
+                terminal.flush()
+
+    return handle
+
+
+@contextlib.contextmanager
+def console(log_file: Path | None, verbose: bool = False) -> Iterator[Path | None]:
+    """Quiet terminal, full log file, for the duration of one command."""
+    global _terminal
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO)
+    if verbose or log_file is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(CONSOLE_TAG + "%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+        try:
+            yield log_file
+        finally:
+            logger.removeHandler(handler)
+            logger.propagate = True
+        return
+
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    terminal = os.fdopen(os.dup(2), "w", buffering=1)
+    log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    to_terminal = logging.StreamHandler(terminal)
+    to_terminal.setFormatter(logging.Formatter(CONSOLE_TAG + "%(message)s"))
+    to_file = logging.StreamHandler(sys.stderr)  # fd 2 is the log file now
+    to_file.setFormatter(logging.Formatter(FILE_FORMAT))
+    logger.addHandler(to_terminal)
+    root.addHandler(to_file)
+    logging.captureWarnings(True)
+    _terminal = terminal
+    dispatcher = _ray_worker_dispatcher()
+    if dispatcher is not None:
+        dispatcher.add_handler("llkd_console", _show_tagged_worker_lines(terminal))
+    logger.info("full log: %s", log_file)
+    try:
+        yield log_file
+    finally:
+        if dispatcher is not None:
+            dispatcher.remove_handler("llkd_console")
+        _terminal = None
+        logging.captureWarnings(False)
+        logger.removeHandler(to_terminal)
+        root.removeHandler(to_file)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved_out, 1)
+        os.dup2(saved_err, 2)
+        for fd in (saved_out, saved_err):
+            os.close(fd)
+        terminal.close()
+
+
+def _ray_worker_dispatcher():
+    """Ray's driver-side fan-out of forwarded worker output (a private API; None if it moved)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher
+    except ImportError:
+        return None
+    return global_worker_stdstream_dispatcher

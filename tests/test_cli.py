@@ -1,0 +1,130 @@
+"""The command line as a user meets it: arguments in any order, a quiet console with the full log in the run
+directory, and `llkd serve --detach` / `--stop`."""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from llkd_ray import __version__
+from llkd_ray.cli import build_parser, main, split_overrides
+from tests.conftest import RAY, free_port, make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+LLKD = str(Path(RAY).with_name("llkd"))
+
+
+def parse(argv: list[str]):
+    rest, overrides = split_overrides(argv)
+    args, unknown = build_parser().parse_known_args(rest)
+    assert not unknown, unknown
+    return args, overrides
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "runs/x", "--detach", "serve.port=8001", "--config", "c.yaml"],
+    ["serve", "serve.port=8001", "runs/x", "--config", "c.yaml", "--detach"],
+    ["serve", "--config", "c.yaml", "serve.port=8001", "--detach", "runs/x"],
+])
+def test_options_and_overrides_mix_in_any_order(argv):
+    args, overrides = parse(argv)
+    assert (args.command, args.student, args.detach, args.config) == ("serve", "runs/x", True, "c.yaml")
+    assert overrides == ["serve.port=8001"]
+
+
+def test_an_option_value_that_looks_like_an_override_stays_with_its_option():
+    args, overrides = parse(["run", "training.epochs=2", "--config", "a=b.yaml", "-v", "teacher.num_actors=2"])
+    assert args.config == "a=b.yaml" and args.verbose
+    assert overrides == ["training.epochs=2", "teacher.num_actors=2"]
+
+
+def test_check_config_applies_overrides_from_anywhere(tmp_path, capsys):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(yaml.safe_dump(make_config().model_dump()))
+    assert main(["check-config", "training.epochs=3", "--config", str(config_file), "teacher.batch_size=4"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["training"]["epochs"] == 3 and resolved["teacher"]["batch_size"] == 4
+
+
+def test_version():
+    result = subprocess.run([LLKD, "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == f"llkd-ray {__version__}"
+
+
+@pytest.mark.slow
+def test_llkd_run_prints_stages_a_progress_bar_and_one_line_per_epoch(ray_cluster, tmp_path):
+    from llkd_ray.corpus import load_rotten_tomatoes
+
+    rows = load_rotten_tomatoes(seed=61, limit=80).to_pylist()
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": r["text"], "label": r["gold"]}) + "\n" for r in rows))
+    cfg = make_config(corpus={"source": str(corpus), "gold_column": "label"}, teacher={"num_cpus": 0.5},
+                      store={"path": str(tmp_path / "store")}, student={"max_length": 48},
+                      training={"strategy": "ddp", "epochs": 2, "cpus_per_worker": 0.5,
+                                "storage_path": str(tmp_path / "ray")},
+                      evaluation={"holdout": 20}, output={"name": "console", "dir": str(tmp_path / "runs")})
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump()))
+    result = subprocess.run([LLKD, "run", "--config", str(config_file)], capture_output=True, text=True,
+                            timeout=900, env={**os.environ, "RAY_ADDRESS": ray_cluster.address})
+    terminal = result.stdout + result.stderr
+    assert result.returncode == 0, terminal[-3000:]
+    lines = terminal.splitlines()
+    assert len(lines) <= 40, terminal
+    assert all(line.startswith("[llkd] ") or not line.strip() for line in lines), terminal
+    for stage in ("stage 1/3", "stage 2/3", "stage 3/3", "holdout macro-F1: student", "done in"):
+        assert sum(stage in line for line in lines) == 1, (stage, terminal)
+    epochs = [line for line in lines if re.match(r"\[llkd\] epoch \d/2 \| selected", line)]
+    assert [line.split()[2] for line in epochs] == ["1/2", "2/2"], terminal  # each epoch once, in order
+    assert "labeling: 100%" in terminal and "80/80" in terminal  # the progress bar, sized to the corpus
+    log = (tmp_path / "runs" / "console" / "run.log").read_text()
+    # The chatter is in the log file, not on the terminal: vLLM's engine, Ray Data's executor, Ray Train's workers.
+    for chatter in ("Initializing a V1 LLM engine", "Starting execution of Dataset", "RayTrainWorker"):
+        assert chatter in log and chatter not in terminal, chatter
+
+
+@pytest.fixture()
+def exported_student(tmp_path):
+    from llkd_ray.student import export_student, load_student
+
+    network, tokenizer = load_student("minilm-l6", ["positive", "negative"], seed=3)
+    return export_student(network, tokenizer, tmp_path / "run" / "student", {"labels": ["positive", "negative"]})
+
+
+@pytest.mark.slow
+def test_serve_detach_outlives_the_command_on_a_cluster_it_starts_and_stop_ends_both(exported_student, tmp_path):
+    """No cluster running (as on a laptop): --detach starts one that outlives the command; --stop ends that
+    cluster only. Ray's temp dir and llkd's cache are this test's own, so the session's cluster stays unseen."""
+    ray_tmp = tempfile.mkdtemp(prefix="lrd", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=ray_tmp, LLKD_CACHE=str(tmp_path / "cache"))
+    port = free_port()
+    common = [f"output.dir={tmp_path / 'runs'}", "serve.num_cpus=0.5"]
+    detached = subprocess.run([LLKD, "serve", str(exported_student.parent), "--detach", f"serve.port={port}",
+                               *common], capture_output=True, text=True, timeout=300, env=env)
+    assert detached.returncode == 0, detached.stderr[-3000:]
+    assert "starting a local one that outlives this command" in detached.stderr
+    assert "llkd serve --stop" in detached.stderr
+    started = json.loads((tmp_path / "cache" / "local-cluster.json").read_text())
+    # The command has returned: the endpoint is still there.
+    response = requests.post(f"http://127.0.0.1:{port}/v1/classify", json={"texts": ["A fine film."]}, timeout=60)
+    assert response.status_code == 200 and response.json()["predictions"][0]["label"] in ("positive", "negative")
+
+    stopped = subprocess.run([LLKD, "serve", "--stop", *common], capture_output=True, text=True, timeout=300,
+                             env=env)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "stopped the endpoint and the local Ray cluster" in stopped.stderr
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+    gcs_port = started["address"].rsplit(":", 1)[1]
+    deadline = time.time() + 60
+    while subprocess.run(["pgrep", "-f", f"gcs_server.*--gcs_server_port={gcs_port}"]).returncode == 0:
+        assert time.time() < deadline, "the detached cluster's GCS is still running"
+        time.sleep(1)
