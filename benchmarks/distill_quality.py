@@ -13,6 +13,7 @@ Goals on the embedded default: LLKD ≥ teacher + 3 points and ≥ `all` + 2 poi
 A run already finished under the same name (dataset, selector, seed) is resumed from its last checkpoint and
 only evaluated again, so a long matrix can be filled in over several invocations.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,10 +42,14 @@ def with_gold_labels(pool):
     labels = np.where(gold >= 0, gold, teacher)
     probs = np.eye(len(pool["teacher_probs"][0]), dtype=np.float32)[labels]
     probs = np.where((gold >= 0)[:, None], probs, np.asarray(pool["teacher_probs"].to_pylist(), dtype=np.float32))
-    pool = pool.set_column(pool.schema.get_field_index("teacher_probs"), "teacher_probs",
-                           pa.array(probs.tolist(), type=pa.list_(pa.float32())))
-    return pool.set_column(pool.schema.get_field_index("teacher_label"), "teacher_label",
-                           pa.array(labels, type=pa.int32()))
+    pool = pool.set_column(
+        pool.schema.get_field_index("teacher_probs"),
+        "teacher_probs",
+        pa.array(probs.tolist(), type=pa.list_(pa.float32())),
+    )
+    return pool.set_column(
+        pool.schema.get_field_index("teacher_label"), "teacher_label", pa.array(labels, type=pa.int32())
+    )
 
 
 def dataset_overrides(name: str, work: Path) -> list[str]:
@@ -54,7 +59,8 @@ def dataset_overrides(name: str, work: Path) -> list[str]:
     if name == "ag_news":
         task = {
             "instruction": "Classify the topic of each news article.",
-            "text_prefix": "Article: ", "answer_prefix": "Topic:",
+            "text_prefix": "Article: ",
+            "answer_prefix": "Topic:",
             "labels": [{"name": "world"}, {"name": "sports"}, {"name": "business"}, {"name": "science"}],
             "examples": [
                 {"text": "Leaders of both nations met in Geneva to discuss the ceasefire.", "label": "world"},
@@ -63,9 +69,13 @@ def dataset_overrides(name: str, work: Path) -> list[str]:
                 {"text": "Researchers unveiled a faster chip that uses less power.", "label": "science"},
             ],
         }
-        corpus = {"source": str(SHARED / "ag_news" / "test.csv"), "text_column": "description",
-                  "gold_column": "label", "gold_map": {"1": "world", "2": "sports", "3": "business", "4": "science"},
-                  "limit": 3000}  # labelled in ~5 min; the embedded default has 5,000
+        corpus = {
+            "source": str(SHARED / "ag_news" / "test.csv"),
+            "text_column": "description",
+            "gold_column": "label",
+            "gold_map": {"1": "world", "2": "sports", "3": "business", "4": "science"},
+            "limit": 3000,
+        }  # labelled in ~5 min; the embedded default has 5,000
         return store + [f"task={json.dumps(task)}", f"corpus={json.dumps(corpus)}"]
     raise SystemExit(f"unknown dataset {name}")
 
@@ -74,11 +84,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["rotten_tomatoes", "ag_news"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--strategies", nargs="+", default=STRATEGIES + [GOLD_CEILING],
-                        help=f"selectors to run; {GOLD_CEILING} trains `all` on gold labels (the ceiling)")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=STRATEGIES + [GOLD_CEILING],
+        help=f"selectors to run; {GOLD_CEILING} trains `all` on gold labels (the ceiling)",
+    )
     parser.add_argument("--work", default="runs/bench_distill", help="stores, checkpoints and run directories")
-    parser.add_argument("overrides", nargs="*",
-                        help="config overrides for every run, e.g. training.epochs=6 (before --seeds/--datasets)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides for every run, e.g. training.epochs=6 (before --seeds/--datasets)",
+    )
     args = parser.parse_args()
 
     import ray
@@ -105,19 +122,31 @@ def main() -> None:
                 started = time.time()
                 name = f"{dataset}-{strategy}-seed{seed}"
                 ceiling = strategy == GOLD_CEILING
-                run_cfg = load_config(None, base + [
-                    f"selection.strategy={'all' if ceiling else strategy}",
-                    f"selection.seed={seed}", f"training.seed={seed}",
-                    f"training.storage_path={work}/ray_results", f"output.name={name}", f"output.dir={work}/runs",
-                    "training.strategy=ddp"])
-                trained = train_student(run_cfg, with_gold_labels(pool) if ceiling else pool, holdout,
-                                        work / "runs" / name)
+                run_cfg = load_config(
+                    None,
+                    base
+                    + [
+                        f"selection.strategy={'all' if ceiling else strategy}",
+                        f"selection.seed={seed}",
+                        f"training.seed={seed}",
+                        f"training.storage_path={work}/ray_results",
+                        f"output.name={name}",
+                        f"output.dir={work}/runs",
+                        "training.strategy=ddp",
+                    ],
+                )
+                trained = train_student(
+                    run_cfg, with_gold_labels(pool) if ceiling else pool, holdout, work / "runs" / name
+                )
                 report = evaluate(trained.student_dir, holdout, run_cfg.task.label_names, run_cfg.student.max_length)
                 teacher_f1 = report["teacher"]["macro_f1"]
                 used = len(trained.used_pool_indices) / pool.num_rows
                 results.setdefault(strategy, []).append((report["student"]["macro_f1"], used))
-                print(f"[bench] {name}: student macro-F1 {report['student']['macro_f1']:.3f}"
-                      f" (teacher {teacher_f1:.3f}), pool used {used:.1%}, {time.time() - started:.0f} s", flush=True)
+                print(
+                    f"[bench] {name}: student macro-F1 {report['student']['macro_f1']:.3f}"
+                    f" (teacher {teacher_f1:.3f}), pool used {used:.1%}, {time.time() - started:.0f} s",
+                    flush=True,
+                )
         rows.append((dataset, pool.num_rows, holdout.num_rows, teacher_f1, results))
     ray.shutdown()
 
@@ -131,8 +160,10 @@ def main() -> None:
             print(f"{'':<17}{strategy:<21}{f1.mean():>10.3f} ± {f1.std():.3f}{used:>10.1%}")
         if "llkd" in results and "all" in results:
             llkd = np.mean([v[0] for v in results["llkd"]])
-            print(f"{'':<17}LLKD - teacher: {100 * (llkd - teacher_f1):+.1f} points;"
-                  f" LLKD - all: {100 * (llkd - np.mean([v[0] for v in results['all']])):+.1f} points")
+            print(
+                f"{'':<17}LLKD - teacher: {100 * (llkd - teacher_f1):+.1f} points;"
+                f" LLKD - all: {100 * (llkd - np.mean([v[0] for v in results['all']])):+.1f} points"
+            )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Rotten Tomatoes snippet. The load generator is asyncio + aiohttp in this process
     python benchmarks/serve_load.py                          # a MiniLM student (weights as exported by training)
     python benchmarks/serve_load.py --student runs/llkd-default
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,13 @@ async def load(url: str, texts: list[str], concurrency: int, max_requests: int, 
         started = time.perf_counter()
         await asyncio.gather(*(caller(session) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return {"requests": len(latencies), "errors": errors, "throughput": len(latencies) / elapsed,
-            "p50_ms": 1000 * float(np.percentile(latencies, 50)), "p99_ms": 1000 * float(np.percentile(latencies, 99))}
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "throughput": len(latencies) / elapsed,
+        "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+        "p99_ms": 1000 * float(np.percentile(latencies, 99)),
+    }
 
 
 def main() -> None:
@@ -94,11 +100,15 @@ def main() -> None:
     print(f"\nstudent {student}; {os.cpu_count()} CPU cores; one replica per deployment; 1 text per request")
     print(f"{'deployment':<11}{'concurrency':>12}{'requests':>10}{'errors':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
     for (name, concurrency), r in sorted(results.items(), key=lambda item: (item[0][1], item[0][0])):
-        print(f"{name:<11}{concurrency:>12}{r['requests']:>10}{r['errors']:>8}{r['throughput']:>9.1f}"
-              f"{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}")
+        print(
+            f"{name:<11}{concurrency:>12}{r['requests']:>10}{r['errors']:>8}{r['throughput']:>9.1f}"
+            f"{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
+        )
     ratio = results["batched", 32]["throughput"] / results["unbatched", 32]["throughput"]
-    print(f"\nbatched / unbatched throughput at concurrency 32: {ratio:.2f}x;"
-          f" errors in all: {sum(r['errors'] for r in results.values())}")
+    print(
+        f"\nbatched / unbatched throughput at concurrency 32: {ratio:.2f}x;"
+        f" errors in all: {sum(r['errors'] for r in results.values())}"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ this machine's measured fp32 matmul rate (the roofline) that each reaches.
     python benchmarks/teacher_throughput.py                      # Gemma-3-270m, 400 Rotten Tomatoes snippets
     python benchmarks/teacher_throughput.py --model smollm2-135m-instruct --texts 200 --naive-texts 40
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,14 @@ def run_vllm(args, eager: bool | None) -> dict:
     shared = next((i for i, column in enumerate(zip(*prompts)) if len(set(column)) > 1), min(map(len, prompts)))
     block = teacher.backend.llm.llm_engine.vllm_config.cache_config.block_size
     cached_per_prompt = (shared // block) * block
-    return {"prompts": len(texts), "seconds": seconds, "prompt_tokens": prompt_tokens, "load_s": load_s,
-            "computed_tokens": prompt_tokens - cached_per_prompt * len(texts), "cached_per_prompt": cached_per_prompt}
+    return {
+        "prompts": len(texts),
+        "seconds": seconds,
+        "prompt_tokens": prompt_tokens,
+        "load_s": load_s,
+        "computed_tokens": prompt_tokens - cached_per_prompt * len(texts),
+        "cached_per_prompt": cached_per_prompt,
+    }
 
 
 def run_naive(args) -> dict:
@@ -113,15 +120,30 @@ def flops_per_prompt(model: str, prompt_tokens: float, head_positions: float) ->
 
 
 def worker(args) -> None:
-    result = {"vllm": lambda: run_vllm(args, eager=None), "vllm-compiled": lambda: run_vllm(args, eager=False),
-              "naive": lambda: run_naive(args), "matmul": lambda: {"gflops": matmul_gflops()}}[args.worker]()
+    result = {
+        "vllm": lambda: run_vllm(args, eager=None),
+        "vllm-compiled": lambda: run_vllm(args, eager=False),
+        "naive": lambda: run_naive(args),
+        "matmul": lambda: {"gflops": matmul_gflops()},
+    }[args.worker]()
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def measure(kind: str, args) -> dict:
-    command = [sys.executable, __file__, "--worker", kind, "--model", args.model,
-               "--texts", str(args.texts), "--naive-texts", str(args.naive_texts),
-               "--batch-size", str(args.batch_size)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--model",
+        args.model,
+        "--texts",
+        str(args.texts),
+        "--naive-texts",
+        str(args.naive_texts),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     print(f"[bench] running {kind} ...", flush=True)
     output = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
@@ -152,13 +174,19 @@ def main() -> None:
         # The naive loop computes the vocabulary head at every position; vLLM only at the last one.
         flops = flops_per_prompt(args.model, tokens, tokens if kind == "naive" else 1)
         rates[kind] = rate
-        print(f"{kind:<12}{result['prompts']:>8}{rate:>11.2f}{tokens:>24.1f}{rate * flops / 1e9:>9.1f}"
-              f"{100 * rate * flops / 1e9 / roofline:>11.1f}%")
-    print(f"\nratio vLLM path (the default: eager on CPU) / naive loop: {rates['vllm'] / rates['naive']:.1f}x"
-          f"  (torch.compile'd engine: {rates['vllm-compiled'] / rates['naive']:.1f}x)")
+        print(
+            f"{kind:<12}{result['prompts']:>8}{rate:>11.2f}{tokens:>24.1f}{rate * flops / 1e9:>9.1f}"
+            f"{100 * rate * flops / 1e9 / roofline:>11.1f}%"
+        )
+    print(
+        f"\nratio vLLM path (the default: eager on CPU) / naive loop: {rates['vllm'] / rates['naive']:.1f}x"
+        f"  (torch.compile'd engine: {rates['vllm-compiled'] / rates['naive']:.1f}x)"
+    )
     print("engine load: " + ", ".join(f"{k} {results[k]['load_s']:.0f} s" for k in ("vllm", "vllm-compiled")))
-    print(f"prompt tokens served from vLLM's prefix cache: {results['vllm']['cached_per_prompt']} per prompt"
-          f" (of {results['vllm']['prompt_tokens'] / results['vllm']['prompts']:.1f})")
+    print(
+        f"prompt tokens served from vLLM's prefix cache: {results['vllm']['cached_per_prompt']} per prompt"
+        f" (of {results['vllm']['prompt_tokens'] / results['vllm']['prompts']:.1f})"
+    )
 
 
 if __name__ == "__main__":

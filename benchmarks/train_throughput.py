@@ -6,6 +6,7 @@ figure is taken from the loop's own per-epoch train-pass timing (selection `all`
 
     python benchmarks/train_throughput.py --texts 1024 --epochs 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,12 +29,16 @@ def pseudo_labels(count: int) -> pa.Table:
 
     rows = load_rotten_tomatoes(seed=2, limit=count).to_pylist()
     probs = [[0.9, 0.1] if r["gold"] == "positive" else [0.1, 0.9] for r in rows]
-    return pa.table({
-        "id": [r["id"] for r in rows], "text": [r["text"] for r in rows], "gold": [r["gold"] for r in rows],
-        "probs_raw": pa.array(probs, type=pa.list_(pa.float32())),
-        "probs_calibrated": pa.array(probs, type=pa.list_(pa.float32())),
-        "label_index": pa.array([NAMES.index(r["gold"]) for r in rows], type=pa.int32()),
-    })
+    return pa.table(
+        {
+            "id": [r["id"] for r in rows],
+            "text": [r["text"] for r in rows],
+            "gold": [r["gold"] for r in rows],
+            "probs_raw": pa.array(probs, type=pa.list_(pa.float32())),
+            "probs_calibrated": pa.array(probs, type=pa.list_(pa.float32())),
+            "label_index": pa.array([NAMES.index(r["gold"]) for r in rows], type=pa.int32()),
+        }
+    )
 
 
 def plain_loop(texts: list[str], labels: np.ndarray, args) -> float:
@@ -52,8 +57,13 @@ def plain_loop(texts: list[str], labels: np.ndarray, args) -> float:
     for _ in range(args.epochs):
         for start in range(0, len(order), args.batch_size):
             index = order[start : start + args.batch_size]
-            batch = tokenizer([texts[i] for i in index], padding=True, truncation=True, max_length=args.max_length,
-                              return_tensors="pt")
+            batch = tokenizer(
+                [texts[i] for i in index],
+                padding=True,
+                truncation=True,
+                max_length=args.max_length,
+                return_tensors="pt",
+            )
             loss = F.cross_entropy(network(**batch).logits, torch.tensor(labels[index]))
             optimizer.zero_grad()
             loss.backward()
@@ -68,15 +78,24 @@ def ray_loop(table: pa.Table, strategy: str, args) -> float:
     from llkd_ray.training import split_pool_and_holdout, train_student
 
     storage = tempfile.mkdtemp()
-    cfg = config_from_dict({
-        "task": {"instruction": "sentiment", "labels": [{"name": n} for n in NAMES]},
-        "student": {"max_length": args.max_length},
-        "selection": {"strategy": "all"},
-        "evaluation": {"holdout": 0},
-        "training": {"strategy": strategy, "zero_stage": 1, "num_workers": 1, "cpus_per_worker": os.cpu_count(),
-                     "epochs": args.epochs, "batch_size": args.batch_size, "storage_path": storage},
-        "output": {"name": f"bench-{strategy}", "dir": storage},
-    })
+    cfg = config_from_dict(
+        {
+            "task": {"instruction": "sentiment", "labels": [{"name": n} for n in NAMES]},
+            "student": {"max_length": args.max_length},
+            "selection": {"strategy": "all"},
+            "evaluation": {"holdout": 0},
+            "training": {
+                "strategy": strategy,
+                "zero_stage": 1,
+                "num_workers": 1,
+                "cpus_per_worker": os.cpu_count(),
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "storage_path": storage,
+            },
+            "output": {"name": f"bench-{strategy}", "dir": storage},
+        }
+    )
     pool, holdout = split_pool_and_holdout(table, cfg)
     result = train_student(cfg, pool, holdout, Path(storage) / "run")
     samples = sum(h["selected"] for h in result.history)
@@ -96,11 +115,16 @@ def main() -> None:
     table = pseudo_labels(args.texts)
     plain = plain_loop(table["text"].to_pylist(), np.asarray(table["label_index"].to_pylist()), args)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
-    rates = {"plain PyTorch": plain, "Ray Train DDP": ray_loop(table, "ddp", args),
-             "Ray Train DeepSpeed": ray_loop(table, "deepspeed", args)}
+    rates = {
+        "plain PyTorch": plain,
+        "Ray Train DDP": ray_loop(table, "ddp", args),
+        "Ray Train DeepSpeed": ray_loop(table, "deepspeed", args),
+    }
     ray.shutdown()
-    print(f"\n{args.texts} texts x {args.epochs} epochs, batch {args.batch_size}, max_length {args.max_length},"
-          f" {os.cpu_count()} CPU cores")
+    print(
+        f"\n{args.texts} texts x {args.epochs} epochs, batch {args.batch_size}, max_length {args.max_length},"
+        f" {os.cpu_count()} CPU cores"
+    )
     for name, rate in rates.items():
         print(f"{name:<22}{rate:>8.1f} samples/s   overhead vs plain: {100 * (plain / rate - 1):>6.1f}%")
 

@@ -1,4 +1,5 @@
 """Ray Job entry point: `ray job submit --working-dir . -- python jobs/train.py [--config FILE] [key=value ...]`."""
+
 from llkd_ray.cli import run_as_job
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Options and ``key=value`` overrides mix in any order, as with ``ray`` and ``torchrun``: a ``key=value`` token is an
 override wherever it stands, unless it is the value of an option (``--config a=b.yaml``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (default: the embedded default, Rotten Tomatoes)")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show Ray's, vLLM's and DeepSpeed's own logs in the terminal too")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show Ray's, vLLM's and DeepSpeed's own logs in the terminal too"
+    )
     parser.epilog = "Overrides: key=value anywhere on the line, e.g. teacher.batch_size=32 training.epochs=3"
 
 
@@ -44,14 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common_args(commands.add_parser("train", help="train and evaluate the student on the labels already stored"))
     _common_args(commands.add_parser("check-config", help="validate a config and print it resolved"))
     serve_parser = commands.add_parser("serve", help="serve a trained student over HTTP with Ray Serve")
-    serve_parser.add_argument("student", nargs="?",
-                              help="a run directory (uses its student/) or an exported student directory")
+    serve_parser.add_argument(
+        "student", nargs="?", help="a run directory (uses its student/) or an exported student directory"
+    )
     mode = serve_parser.add_mutually_exclusive_group()
-    mode.add_argument("--detach", action="store_true",
-                      help="deploy and return; the endpoint keeps running (on a local cluster started for it if"
-                           " none is running)")
-    mode.add_argument("--stop", action="store_true",
-                      help="stop a detached endpoint (and the local cluster `--detach` started, if it did)")
+    mode.add_argument(
+        "--detach",
+        action="store_true",
+        help="deploy and return; the endpoint keeps running (on a local cluster started for it if none is running)",
+    )
+    mode.add_argument(
+        "--stop",
+        action="store_true",
+        help="stop a detached endpoint (and the local cluster `--detach` started, if it did)",
+    )
     _common_args(serve_parser)
     submit_parser = commands.add_parser("submit", help="submit jobs/<job>.py to a Ray cluster (Job Submission API)")
     submit_parser.add_argument("job", choices=["label", "train", "run", "deploy"])
@@ -98,8 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         except Exception as error:
             logging.getLogger("llkd.traceback").exception("failed")  # outside llkd_ray: to the log file only
-            logger.error("failed: %s: %s (the traceback is in %s)", type(error).__name__,
-                         str(error).splitlines()[0] if str(error) else "", log_file)
+            logger.error(
+                "failed: %s: %s (the traceback is in %s)",
+                type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "",
+                log_file,
+            )
             return 1
 
 

@@ -3,13 +3,14 @@
 Validation happens here, before Ray starts: an unknown key, a wrong type or a missing local file fails with
 a message that names the field (``teacher.batch_size: ...``).
 """
+
 from __future__ import annotations
 
 import difflib
 import importlib.resources
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -33,10 +34,10 @@ class CorpusConfig(_Section):
     source: str | list[str] = "builtin:rotten_tomatoes"
     format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "text"] = "auto"
     text_column: str = "text"
-    id_column: Optional[str] = None  # None: a stable content hash of the text
-    gold_column: Optional[str] = None  # kept for evaluation only, never shown to the teacher
+    id_column: str | None = None  # None: a stable content hash of the text
+    gold_column: str | None = None  # kept for evaluation only, never shown to the teacher
     gold_map: dict[str, str] = {}  # raw gold value → label name, for datasets that store codes ("1" → "world")
-    limit: Optional[int] = Field(default=None, gt=0)  # first N rows (builtin corpora are shuffled with `seed` first)
+    limit: int | None = Field(default=None, gt=0)  # first N rows (builtin corpora are shuffled with `seed` first)
     seed: int = 0
     # Streaming repartition: files arrive as one block each, and a block is the unit an actor takes, so
     # without it one actor would label a whole file while the others idle.
@@ -61,10 +62,10 @@ class CorpusConfig(_Section):
 
 class LabelSpec(_Section):
     name: str = Field(min_length=1)
-    description: Optional[str] = None
+    description: str | None = None
     # Surface forms the teacher may answer with. None: the name in lower, Title and original case, each with and
     # without a leading space; the label's probability is the sum over all of them.
-    verbalizers: Optional[list[str]] = None
+    verbalizers: list[str] | None = None
 
 
 class FewShotExample(_Section):
@@ -87,7 +88,7 @@ class TaskConfig(_Section):
         return [label.name for label in self.labels]
 
     @model_validator(mode="after")
-    def _labels_are_consistent(self) -> "TaskConfig":
+    def _labels_are_consistent(self) -> TaskConfig:
         names = self.label_names
         if len(set(names)) != len(names):
             raise ValueError(f"labels: duplicate label names in {names}")
@@ -100,12 +101,12 @@ class TaskConfig(_Section):
 class VLLMOptions(_Section):
     enable_prefix_caching: bool = True
     # vLLM's CPU default block is 128 tokens, so a ~60-token shared few-shot prefix is never cached; 32 is.
-    block_size: Optional[int] = None
+    block_size: int | None = None
     tensor_parallel_size: int = Field(default=1, ge=1)
     max_model_len: int = Field(default=1024, gt=0)
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
     # None: eager on CPU (torch.compile costs ~80 s of start-up for ~5% throughput), CUDA graphs on GPU.
-    enforce_eager: Optional[bool] = None
+    enforce_eager: bool | None = None
     cpu_kvcache_space_gib: int = Field(default=1, ge=1)  # VLLM_CPU_KVCACHE_SPACE
     engine_kwargs: dict[str, Any] = {}  # passed straight to vllm.LLM
 
@@ -117,22 +118,22 @@ class TeacherConfig(_Section):
     backend: Literal["vllm", "transformers"] = "vllm"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on CPU, bfloat16 on GPU
     num_actors: int = Field(default=1, ge=1)
-    max_actors: Optional[int] = Field(default=None, ge=1)  # set to autoscale the pool from num_actors up to this
+    max_actors: int | None = Field(default=None, ge=1)  # set to autoscale the pool from num_actors up to this
     num_cpus: float = Field(default=1.0, gt=0)  # fractional CPUs keep room for read tasks on small machines
     num_gpus: float = Field(default=0.0, ge=0)  # per engine; tensor parallelism multiplies it
     # Host memory an actor reserves in Ray's scheduler. Gemma-3-270m in fp32 with a 1 GiB KV cache measured
     # ~5.8 GiB resident; Ray Data warns every 30 s when an actor uses more than it declared.
-    memory_gib: Optional[float] = Field(default=7.0, gt=0)
-    accelerator_type: Optional[str] = None  # e.g. "L4", "H100": places actors on nodes of that type
+    memory_gib: float | None = Field(default=7.0, gt=0)
+    accelerator_type: str | None = None  # e.g. "L4", "H100": places actors on nodes of that type
     resources: dict[str, float] = {}  # custom Ray resources, e.g. {"teacher_node": 1}
-    torch_threads: Optional[int] = Field(default=None, gt=0)  # None: every core the actor's node offers
+    torch_threads: int | None = Field(default=None, gt=0)  # None: every core the actor's node offers
     batch_size: int = Field(default=256, gt=0)  # prompts per actor call: vLLM schedules a whole batch at once
     max_text_tokens: int = Field(default=256, gt=0)  # longer texts are truncated and flagged
     calibrate: bool = True  # divide by the corpus label prior, renormalise (no gold labels used)
     vllm: VLLMOptions = VLLMOptions()
 
     @model_validator(mode="after")
-    def _pool_bounds(self) -> "TeacherConfig":
+    def _pool_bounds(self) -> TeacherConfig:
         if self.max_actors is not None and self.max_actors < self.num_actors:
             raise ValueError(f"max_actors ({self.max_actors}) is below num_actors ({self.num_actors})")
         return self
@@ -160,12 +161,12 @@ class SelectionConfig(_Section):
     warmup_epochs: int = Field(default=1, ge=0)  # epochs that use the teacher criterion only
     # The global statistic behind τ^T / τ^S: None is the mean (FreeMatch); a quantile in (0, 1) is a stricter or
     # looser gate (0.7: about the 30% most confident teacher labels are eligible).
-    teacher_quantile: Optional[float] = Field(default=None, gt=0, lt=1)
-    student_quantile: Optional[float] = Field(default=None, gt=0, lt=1)
+    teacher_quantile: float | None = Field(default=None, gt=0, lt=1)
+    student_quantile: float | None = Field(default=None, gt=0, lt=1)
     # Each class keeps its share of the loss among the teacher-confident samples (see selection.py).
     balance_classes: bool = True
     fraction: float = Field(default=0.3, gt=0, le=1)  # fixed_ratio: fraction of each class kept
-    teacher_confidence_threshold: Optional[float] = Field(default=None, ge=0, le=1)  # teacher_confidence baseline
+    teacher_confidence_threshold: float | None = Field(default=None, ge=0, le=1)  # teacher_confidence baseline
     seed: int = 0
 
 
@@ -177,11 +178,11 @@ class TrainingConfig(_Section):
     num_workers: int = Field(default=1, ge=1)
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=0.0, ge=0)  # > 0 trains on GPUs (bf16 with DeepSpeed)
-    accelerator_type: Optional[str] = None
+    accelerator_type: str | None = None
     resources_per_worker: dict[str, float] = {}
     # CPU threads per worker; None: the node's cores shared among the workers on it (Ray would export
     # OMP_NUM_THREADS=cpus_per_worker, i.e. one thread for a fractional CPU).
-    torch_threads: Optional[int] = Field(default=None, gt=0)
+    torch_threads: int | None = Field(default=None, gt=0)
     epochs: int = Field(default=8, ge=1)
     batch_size: int = Field(default=32, gt=0)  # per worker
     learning_rate: float = Field(default=1e-4, gt=0)
@@ -219,13 +220,13 @@ class ServeConfig(_Section):
     max_text_chars: int = Field(default=20000, gt=0)
     overlong: Literal["truncate", "reject"] = "truncate"  # a text over max_text_chars: cut it, or answer 413
     token_env: str = "LLKD_SERVE_TOKEN"  # when this variable is set, requests need "Authorization: Bearer <it>"
-    max_length: Optional[int] = Field(default=None, gt=0)  # tokens per text; None: the student's training length
+    max_length: int | None = Field(default=None, gt=0)  # tokens per text; None: the student's training length
 
 
 class RayConfig(_Section):
-    address: Optional[str] = None  # None: connect to RAY_ADDRESS if set, else start a local cluster
-    num_cpus: Optional[int] = Field(default=None, gt=0)  # for a local cluster only
-    object_store_memory_mb: Optional[int] = Field(default=None, gt=0)
+    address: str | None = None  # None: connect to RAY_ADDRESS if set, else start a local cluster
+    num_cpus: int | None = Field(default=None, gt=0)  # for a local cluster only
+    object_store_memory_mb: int | None = Field(default=None, gt=0)
     # Ray Train's placement-group cleaner and `ray job submit` need the dashboard's state API.
     include_dashboard: bool = True
 

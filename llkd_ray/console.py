@@ -6,14 +6,16 @@ descriptors are pointed at the log file, so nothing can slip past. The ``llkd_ra
 write to the terminal, which is kept aside. Worker lines that start with ``CONSOLE_TAG`` (a train worker's epoch
 line) are shown on the terminal too. ``verbose`` leaves the streams alone: everything reaches the terminal.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TextIO
 
 LOGGER = "llkd_ray"
 CONSOLE_TAG = "[llkd] "  # a worker's line that starts with this belongs on the driver's terminal

@@ -10,6 +10,7 @@ Every row the readers see comes out with the same columns, whether it is usable 
 
 Nothing is dropped here: a bad row is kept with its reason so the store can set it aside and count it.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -17,8 +18,9 @@ import csv
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,8 +38,14 @@ ROW_SCHEMA = pa.schema(
     ]
 )
 _FORMAT_BY_SUFFIX = {
-    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
-    ".parquet": "parquet", ".txt": "text", ".text": "text",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".text": "text",
 }
 
 
@@ -54,7 +62,9 @@ def check_text(value: Any) -> tuple[str | None, str | None]:
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError as error:
-            return value.decode("utf-8", "replace"), f"undecodable bytes (not UTF-8: {error.reason} at byte {error.start})"
+            return value.decode(
+                "utf-8", "replace"
+            ), f"undecodable bytes (not UTF-8: {error.reason} at byte {error.start})"
     if not isinstance(value, str):
         return repr(value)[:200], f"text is {type(value).__name__}, not a string"
     if _has_surrogates(value):

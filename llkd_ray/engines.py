@@ -3,6 +3,7 @@
 Both expose the same five operations to the training loop, so the loop itself has no strategy branches.
 The device is configuration: CPU here (DeepSpeed's CPU accelerator over gloo, fp32), GPUs on a cluster (bf16).
 """
+
 from __future__ import annotations
 
 import os
@@ -27,16 +28,19 @@ class DeepSpeedEngine:
             "gradient_accumulation_steps": 1,
             "gradient_clipping": 1.0,
             # torch_adam: use torch's AdamW rather than compiling DeepSpeed's fused/CPU Adam ops.
-            "optimizer": {"type": "AdamW", "params": {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay,
-                                                      "torch_adam": True}},
+            "optimizer": {
+                "type": "AdamW",
+                "params": {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay, "torch_adam": True},
+            },
             "zero_optimization": {"stage": cfg.zero_stage},
             "bf16": {"enabled": device.type == "cuda"},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
         # dist_init_required=False: reuse the process group Ray Train already set up.
-        self.engine, *_ = deepspeed.initialize(model=network, model_parameters=network.parameters(), config=config,
-                                               dist_init_required=False)
+        self.engine, *_ = deepspeed.initialize(
+            model=network, model_parameters=network.parameters(), config=config, dist_init_required=False
+        )
 
     def logits(self, batch: dict) -> torch.Tensor:
         return self.engine(**batch).logits.float()
@@ -70,8 +74,7 @@ class DDPEngine:
         import ray.train.torch
 
         self.model = ray.train.torch.prepare_model(network)  # moves to the device; DDP when world size > 1
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     def logits(self, batch: dict) -> torch.Tensor:
         return self.model(**batch).logits.float()
@@ -89,8 +92,10 @@ class DDPEngine:
         import ray.train
 
         if ray.train.get_context().get_world_rank() == 0:  # replicas are identical: one copy is enough
-            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
-                       Path(directory) / DDP_STATE)
+            torch.save(
+                {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+                Path(directory) / DDP_STATE,
+            )
 
     def load(self, directory: str) -> None:
         state = torch.load(Path(directory) / DDP_STATE, map_location="cpu", weights_only=False)

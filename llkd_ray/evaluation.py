@@ -1,4 +1,5 @@
 """Evaluate the exported student and the teacher on the same gold-labelled texts."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,10 @@ from llkd_ray.metrics import auroc, classification_report
 def load_exported_student(student_dir: Path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    return (AutoModelForSequenceClassification.from_pretrained(student_dir).eval(),
-            AutoTokenizer.from_pretrained(student_dir))
+    return (
+        AutoModelForSequenceClassification.from_pretrained(student_dir).eval(),
+        AutoTokenizer.from_pretrained(student_dir),
+    )
 
 
 def teacher_confidence_quality(labels: pa.Table, label_names: list[str], calibrated: bool) -> dict:
@@ -25,8 +28,13 @@ def teacher_confidence_quality(labels: pa.Table, label_names: list[str], calibra
     probs = np.asarray(labels["probs_calibrated" if calibrated else "probs_raw"].take(rows).to_pylist())
     correct = probs.argmax(axis=1) == np.array([label_names.index(gold[i]) for i in rows])
     confidence = probs.max(axis=1)
-    return {"rows": len(rows), "accuracy": float(correct.mean()), "auroc": auroc(confidence, correct),
-            "confidence": confidence, "correct": correct}
+    return {
+        "rows": len(rows),
+        "accuracy": float(correct.mean()),
+        "auroc": auroc(confidence, correct),
+        "confidence": confidence,
+        "correct": correct,
+    }
 
 
 def evaluate(student_dir: Path, holdout: pa.Table, label_names: list[str], max_length: int) -> dict:
@@ -39,5 +47,7 @@ def evaluate(student_dir: Path, holdout: pa.Table, label_names: list[str], max_l
     gold = np.asarray(holdout["gold_index"].to_pylist())
     student = predict_probs(network, tokenizer, holdout["text"].to_pylist(), max_length).argmax(axis=1)
     teacher = np.asarray(holdout["teacher_probs"].to_pylist()).argmax(axis=1)
-    return {"student": classification_report(gold, student, label_names),
-            "teacher": classification_report(gold, teacher, label_names)}
+    return {
+        "student": classification_report(gold, student, label_names),
+        "teacher": classification_report(gold, teacher, label_names),
+    }

@@ -13,6 +13,7 @@ Calibration without gold labels (the teacher's bias towards one label is divided
 
 The pseudo-label is argmax_y p(y | x) and the teacher's confidence is that maximum probability.
 """
+
 from __future__ import annotations
 
 import numpy as np

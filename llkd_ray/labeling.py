@@ -3,6 +3,7 @@
 Ray Data streams corpus blocks through a pool of teacher actors (vLLM or transformers); the driver commits each
 scored batch to the store as it arrives, so the store always holds every row finished so far.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,6 +20,7 @@ from llkd_ray.ray_session import init_ray
 from llkd_ray.teacher import TeacherActor
 
 logger = logging.getLogger(__name__)
+
 
 def teacher_placement(cfg: Config) -> dict:
     """Where teacher actors may run: CPUs/GPUs, an accelerator type or custom resources, all from config.
@@ -77,8 +79,13 @@ def _label(cfg: Config, ds, store: PseudoLabelStore, total: int) -> tuple[int, i
     """Stream the rows through the teacher actors, committing each batch; returns (labeled, rejected)."""
     teacher = cfg.teacher
     pool = f"{teacher.num_actors}" + (f" to {teacher.max_actors}" if teacher.max_actors else "")
-    logger.info("teacher %s (%s) on %s actor(s) labels %d rows; the first rows wait for the engine to load",
-                teacher.model, teacher.backend, pool, total)
+    logger.info(
+        "teacher %s (%s) on %s actor(s) labels %d rows; the first rows wait for the engine to load",
+        teacher.model,
+        teacher.backend,
+        pool,
+        total,
+    )
     ds = ds.map_batches(
         TeacherActor,
         fn_constructor_kwargs={"config": cfg},
@@ -88,8 +95,9 @@ def _label(cfg: Config, ds, store: PseudoLabelStore, total: int) -> tuple[int, i
         **teacher_placement(cfg),
     )
     labeled = rejected = 0
-    with tqdm(desc="[llkd] labeling", total=total, unit="row", dynamic_ncols=True, file=progress_stream(),
-              mininterval=1.0) as progress:
+    with tqdm(
+        desc="[llkd] labeling", total=total, unit="row", dynamic_ncols=True, file=progress_stream(), mininterval=1.0
+    ) as progress:
         for batch in ds.iter_batches(batch_size=cfg.store.rows_per_part, batch_format="pyarrow"):
             new_labeled, new_rejected = store.commit(batch)
             labeled, rejected = labeled + new_labeled, rejected + new_rejected

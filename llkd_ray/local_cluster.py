@@ -4,6 +4,7 @@ It is started as ``ray start --head --block`` in a session of its own, so it sur
 Its pid is recorded, and ``llkd serve --stop`` ends that process group: every Ray process it started, and nothing
 else. ``ray stop`` would stop every Ray cluster on the host.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,19 +53,34 @@ def start_local_cluster() -> str:
     state.parent.mkdir(parents=True, exist_ok=True)
     log_path = state.with_suffix(".log")
     dashboard_port = _port(8265)
-    command = [ray_cli, "start", "--head", "--block", f"--port={_port(6379)}", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
+    command = [
+        ray_cli,
+        "start",
+        "--head",
+        "--block",
+        f"--port={_port(6379)}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        "--disable-usage-stats",
+    ]
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        )
     deadline = time.time() + START_TIMEOUT_S
     while (address := running_cluster()) is None:
         if process.poll() is not None or time.time() > deadline:
             tail = log_path.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"could not start a local Ray cluster (`{' '.join(command)}`):\n{tail}")
         time.sleep(1)
-    state.write_text(json.dumps({"pid": process.pid, "address": address,
-                                 "dashboard": f"http://127.0.0.1:{dashboard_port}"}))
+    state.write_text(
+        json.dumps({"pid": process.pid, "address": address, "dashboard": f"http://127.0.0.1:{dashboard_port}"})
+    )
     return address
 
 

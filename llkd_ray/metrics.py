@@ -1,4 +1,5 @@
 """Classification metrics (pure NumPy): accuracy, macro-F1, per-class F1, confusion matrix, AUROC."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,6 +5,7 @@ or a Hugging Face hub id. GGUF files are de-quantized once by transformers into 
 vLLM and transformers run exactly the same weights. Offline by default: nothing is downloaded unless the
 environment allows the hub (HF_HUB_OFFLINE unset or 0).
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -9,6 +9,7 @@
 
 ``output.dir`` may be a URI (``s3://bucket/runs``): the run is written locally, then published there.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,18 +53,26 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
         init_ray(cfg.ray)
     labels = read_labels(cfg, ids=corpus_ids(cfg.corpus))  # the store may hold other corpora's rows too
     pool, holdout = split_pool_and_holdout(labels, cfg)
-    logger.info("stage 2/3: the student (%s) trains with %s selection on a pool of %d rows; %d gold-labelled rows"
-                " held out", cfg.student.model, cfg.selection.strategy, pool.num_rows, holdout.num_rows)
+    logger.info(
+        "stage 2/3: the student (%s) trains with %s selection on a pool of %d rows; %d gold-labelled rows held out",
+        cfg.student.model,
+        cfg.selection.strategy,
+        pool.num_rows,
+        holdout.num_rows,
+    )
     trained = train_student(cfg, pool, holdout, run_dir)
     logger.info("stage 3/3: evaluation, plots and report")
     evaluation = evaluate(trained.student_dir, holdout, names, cfg.student.max_length)
     quality = teacher_confidence_quality(labels, names, cfg.teacher.calibrate)
 
-    pictures = [plots.plot_selection(trained.history, names, run_dir / "selection.png"),
-                plots.plot_f1(trained.history, evaluation.get("teacher", {}).get("macro_f1"), run_dir / "f1.png")]
+    pictures = [
+        plots.plot_selection(trained.history, names, run_dir / "selection.png"),
+        plots.plot_f1(trained.history, evaluation.get("teacher", {}).get("macro_f1"), run_dir / "f1.png"),
+    ]
     if quality:
-        pictures.append(plots.plot_teacher_confidence(quality["confidence"], quality["correct"],
-                                                      run_dir / "teacher_confidence.png"))
+        pictures.append(
+            plots.plot_teacher_confidence(quality["confidence"], quality["correct"], run_dir / "teacher_confidence.png")
+        )
     metrics = {
         "labeling": labeling,
         "pool_size": pool.num_rows,
@@ -79,8 +88,12 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
     report = write_report(run_dir, cfg, metrics, pictures)
     student, teacher = evaluation.get("student", {}), evaluation.get("teacher", {})
     if student:
-        logger.info("holdout macro-F1: student %.3f vs teacher %.3f; the student trained on %.1f%% of the pool",
-                    student["macro_f1"], teacher["macro_f1"], 100 * metrics["pool_fraction_used"])
+        logger.info(
+            "holdout macro-F1: student %.3f vs teacher %.3f; the student trained on %.1f%% of the pool",
+            student["macro_f1"],
+            teacher["macro_f1"],
+            100 * metrics["pool_fraction_used"],
+        )
     if destination.is_remote:
         logger.info("done in %.0f s: published to %s/%s", metrics["seconds"], destination.publish(), report.name)
     else:

@@ -1,4 +1,5 @@
 """The pictures of a run: thresholds and selection per epoch, F1 per epoch, teacher confidence histogram."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,13 +15,25 @@ def plot_selection(history: list[dict], label_names: list[str], path: Path) -> P
     epochs = [h["epoch"] for h in history]
     figure, (thresholds, counts) = plt.subplots(1, 2, figsize=(11, 4))
     for name in label_names:
-        line, = thresholds.plot(epochs, [h["teacher_thresholds"][name] for h in history], marker="o",
-                                label=f"τ^T({name})")
-        thresholds.plot(epochs, [h["student_thresholds"][name] for h in history], marker="x", linestyle="--",
-                        color=line.get_color(), label=f"τ^S({name})")
+        (line,) = thresholds.plot(
+            epochs, [h["teacher_thresholds"][name] for h in history], marker="o", label=f"τ^T({name})"
+        )
+        thresholds.plot(
+            epochs,
+            [h["student_thresholds"][name] for h in history],
+            marker="x",
+            linestyle="--",
+            color=line.get_color(),
+            label=f"τ^S({name})",
+        )
         counts.plot(epochs, [h["selected_per_class"][name] for h in history], marker="o", label=f"selected: {name}")
-    counts.plot(epochs, [h["cumulative_used"] for h in history], color="black", linestyle=":",
-                label="distinct samples used so far")
+    counts.plot(
+        epochs,
+        [h["cumulative_used"] for h in history],
+        color="black",
+        linestyle=":",
+        label="distinct samples used so far",
+    )
     thresholds.set(title="Thresholds per class (teacher solid, student dashed)", xlabel="epoch", ylabel="threshold")
     counts.set(title="Samples selected per epoch", xlabel="epoch", ylabel="samples")
     for axis in (thresholds, counts):

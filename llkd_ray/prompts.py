@@ -4,6 +4,7 @@ A prompt ends right where the teacher would write the label (after ``answer_pref
 as the continuation, never generated. The instruction and few-shot examples come first and are identical for
 every text, which is what lets vLLM's prefix cache reuse them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ def build_verbalizer(task: TaskConfig, tokenizer) -> Verbalizer:
         for surface in default_verbalizers(label):
             full = tokenizer(context + surface, add_special_tokens=False)["input_ids"]
             if full[: len(context_ids)] == context_ids and len(full) > len(context_ids):
-                ids = tuple(full[len(context_ids):])
+                ids = tuple(full[len(context_ids) :])
             else:
                 ids = tuple(tokenizer(surface, add_special_tokens=False)["input_ids"])
             if not ids:

@@ -13,6 +13,7 @@ Resume: each corpus row has a unique ``source`` (file:line); a re-run skips ever
 so a crash or Ctrl-C loses at most the parts in flight and never duplicates a row. A part file that a crash
 left unreadable is deleted on open and its rows are labeled again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -138,7 +139,8 @@ class PseudoLabelStore:
     def _part_files(self, sub: str) -> list[str]:
         selector = pafs.FileSelector(f"{self.root}/{sub}", allow_not_found=True)
         return sorted(
-            info.path for info in self.fs.get_file_info(selector)
+            info.path
+            for info in self.fs.get_file_info(selector)
             if info.type == pafs.FileType.File and info.base_name.startswith("part-")
         )
 

@@ -1,4 +1,5 @@
 """Connecting to Ray: an existing cluster when one is named (or RAY_ADDRESS is set), else a local one."""
+
 from __future__ import annotations
 
 import json
@@ -7,14 +8,20 @@ import os
 from llkd_ray.config import RayConfig
 
 # Forwarded to every worker so actors on other nodes see the same offline/cache settings as the driver.
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "LLKD_CACHE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "DS_ACCELERATOR")
+FORWARDED_ENV = (
+    "HF_HUB_OFFLINE",
+    "LLKD_CACHE",
+    "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_ENABLE_V1_MULTIPROCESSING",
+    "DS_ACCELERATOR",
+)
 
 
 def _set_by_the_job() -> set[str]:
     """Env vars the Ray Job's own runtime_env sets (``llkd submit`` forwards the same ones): a job driver that
     sets them again fails in ray.init with a runtime-env conflict."""
     job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
-    return set(((job_config.get("runtime_env") or {}).get("env_vars") or {}))
+    return set((job_config.get("runtime_env") or {}).get("env_vars") or {})
 
 
 def init_ray(cfg: RayConfig) -> None:

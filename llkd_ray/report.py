@@ -1,4 +1,5 @@
 """A short Markdown report of a run that links its plots."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,11 @@ from llkd_ray.config import Config
 
 
 def _row(name: str, report: dict) -> str:
-    return f"| {name} | {report['accuracy']:.3f} | {report['macro_f1']:.3f} | " + ", ".join(
-        f"{label} {f1:.3f}" for label, f1 in report["per_class_f1"].items()) + " |"
+    return (
+        f"| {name} | {report['accuracy']:.3f} | {report['macro_f1']:.3f} | "
+        + ", ".join(f"{label} {f1:.3f}" for label, f1 in report["per_class_f1"].items())
+        + " |"
+    )
 
 
 def write_report(run_dir: Path, cfg: Config, metrics: dict, pictures: list[Path]) -> Path:
@@ -28,20 +32,37 @@ def write_report(run_dir: Path, cfg: Config, metrics: dict, pictures: list[Path]
     ]
     quality = metrics["teacher_confidence"]
     if quality:
-        lines.append(f"- teacher accuracy on {quality['rows']} gold-labelled rows {quality['accuracy']:.3f};"
-                     f" confidence-vs-correctness AUROC {quality['auroc']:.3f}")
+        lines.append(
+            f"- teacher accuracy on {quality['rows']} gold-labelled rows {quality['accuracy']:.3f};"
+            f" confidence-vs-correctness AUROC {quality['auroc']:.3f}"
+        )
     evaluation = metrics["evaluation"]
     if evaluation:
-        lines += ["", "## Holdout", "", "| model | accuracy | macro-F1 | per-class F1 |", "|---|---|---|---|",
-                  _row("teacher", evaluation["teacher"]), _row("student", evaluation["student"]), "",
-                  f"Student confusion matrix (rows gold, columns predicted; {', '.join(cfg.task.label_names)}):"
-                  f" `{evaluation['student']['confusion_matrix']}`"]
-    lines += ["", "## Per epoch", "", "| epoch | selected | distinct used | loss | holdout macro-F1 |",
-              "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Holdout",
+            "",
+            "| model | accuracy | macro-F1 | per-class F1 |",
+            "|---|---|---|---|",
+            _row("teacher", evaluation["teacher"]),
+            _row("student", evaluation["student"]),
+            "",
+            f"Student confusion matrix (rows gold, columns predicted; {', '.join(cfg.task.label_names)}):"
+            f" `{evaluation['student']['confusion_matrix']}`",
+        ]
+    lines += [
+        "",
+        "## Per epoch",
+        "",
+        "| epoch | selected | distinct used | loss | holdout macro-F1 |",
+        "|---|---|---|---|---|",
+    ]
     for h in metrics["history"]:
         f1 = h.get("eval_macro_f1")
-        lines.append(f"| {h['epoch']} | {h['selected']} | {h['cumulative_used']} | {h['loss']:.4f} |"
-                     f" {'' if f1 is None else f'{f1:.3f}'} |")
+        lines.append(
+            f"| {h['epoch']} | {h['selected']} | {h['cumulative_used']} | {h['loss']:.4f} |"
+            f" {'' if f1 is None else f'{f1:.3f}'} |"
+        )
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pictures]
     lines += ["", "The exported student is in `student/` (`llkd serve " + str(run_dir) + "`)."]
     path = run_dir / "report.md"

@@ -42,6 +42,7 @@ During ``warmup_epochs`` the student's scores are not yet informative: only the 
 the student's averages start at the first epoch after warm-up. The averages move once per epoch (FreeMatch moves
 them every step), so the momentum is per epoch and much lower than FreeMatch's 0.999.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -75,20 +76,32 @@ class ThresholdState:
     student_global: float | None = None
     student_class: list[float] | None = None
 
-    def update(self, teacher_probs: np.ndarray, teacher_labels: np.ndarray, uncertainty: np.ndarray, momentum: float,
-               student: bool = True, teacher_quantile: float | None = None, student_quantile: float | None = None):
+    def update(
+        self,
+        teacher_probs: np.ndarray,
+        teacher_labels: np.ndarray,
+        uncertainty: np.ndarray,
+        momentum: float,
+        student: bool = True,
+        teacher_quantile: float | None = None,
+        student_quantile: float | None = None,
+    ):
         """Move the averages by this epoch's statistics; ``student=False`` (warm-up) leaves the student's alone:
         an untrained student is uniformly unsure, and averaging that in would hold τ^S near 1 for many epochs."""
         num_classes = teacher_probs.shape[1]
         confidence = teacher_probs[np.arange(len(teacher_labels)), teacher_labels]
-        observed = {"teacher_global": _global_statistic(confidence, teacher_quantile),
-                    "teacher_class": teacher_probs.mean(axis=0)}
+        observed = {
+            "teacher_global": _global_statistic(confidence, teacher_quantile),
+            "teacher_class": teacher_probs.mean(axis=0),
+        }
         if student:
             observed["student_global"] = _global_statistic(uncertainty, student_quantile)
-            observed["student_class"] = np.array([
-                uncertainty[teacher_labels == c].mean() if (teacher_labels == c).any() else np.nan
-                for c in range(num_classes)
-            ])
+            observed["student_class"] = np.array(
+                [
+                    uncertainty[teacher_labels == c].mean() if (teacher_labels == c).any() else np.nan
+                    for c in range(num_classes)
+                ]
+            )
         for name, value in observed.items():
             previous = getattr(self, name)
             if previous is None:  # the first observation initialises the average, not an arbitrary prior
@@ -97,7 +110,9 @@ class ThresholdState:
                 new = momentum * np.asarray(previous) + (1 - momentum) * value
             if name == "student_class":
                 # A class absent from the pool keeps its previous average (or the global one).
-                fallback = np.asarray(previous) if previous is not None else np.full(num_classes, observed["student_global"])
+                fallback = (
+                    np.asarray(previous) if previous is not None else np.full(num_classes, observed["student_global"])
+                )
                 new = np.where(np.isnan(new), fallback, new)
             setattr(self, name, new.tolist() if isinstance(new, np.ndarray) else float(new))
 
@@ -199,8 +214,15 @@ def select(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown selection strategy {strategy!r}; choose one of {STRATEGIES}")
-    state.update(scores.teacher_probs, scores.teacher_labels, scores.student_uncertainty, momentum, student=not warmup,
-                 teacher_quantile=teacher_quantile, student_quantile=student_quantile)
+    state.update(
+        scores.teacher_probs,
+        scores.teacher_labels,
+        scores.student_uncertainty,
+        momentum,
+        student=not warmup,
+        teacher_quantile=teacher_quantile,
+        student_quantile=student_quantile,
+    )
     teacher_thr, student_thr = state.thresholds()
     confident = teacher_confident(scores, teacher_thr)
     llkd = llkd_mask(scores, confident, student_thr, warmup)

@@ -9,6 +9,7 @@ Texts are batched across concurrent callers with ``@serve.batch``. Bad input is 
 what is wrong (never a 5xx, never a dead replica). ``cluster/serve_config.yaml`` deploys the same app with
 ``serve run`` / ``serve deploy`` or KubeRay's RayService.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -94,8 +95,9 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message})
 
 
-app = FastAPI(title="llkd-ray student", description="A text classifier distilled from an LLM with LLKD.",
-              version=__version__)
+app = FastAPI(
+    title="llkd-ray student", description="A text classifier distilled from an LLM with LLKD.", version=__version__
+)
 
 
 @serve.deployment
@@ -129,8 +131,11 @@ class StudentClassifier:
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(texts))
         probs = predict_probs(self.network, self.tokenizer, texts, self.max_length, batch_size=len(texts))
         return [
-            {"label": self.labels[int(row.argmax())], "confidence": float(row.max()),
-             "probabilities": dict(zip(self.labels, map(float, row)))}
+            {
+                "label": self.labels[int(row.argmax())],
+                "confidence": float(row.max()),
+                "probabilities": dict(zip(self.labels, map(float, row))),
+            }
             for row in probs
         ]
 
@@ -156,13 +161,25 @@ class StudentClassifier:
     def metadata(self, request: Request) -> Any:
         if not self._authorized(request):
             return self._error(401, "missing or wrong bearer token")
-        return {"model": self.student_dir, "labels": self.labels, "version": __version__,
-                "training": self.metadata, "batching": self.options.batching, "max_length": self.max_length,
-                "stats": self.stats}
+        return {
+            "model": self.student_dir,
+            "labels": self.labels,
+            "version": __version__,
+            "training": self.metadata,
+            "batching": self.options.batching,
+            "max_length": self.max_length,
+            "stats": self.stats,
+        }
 
-    @app.post("/v1/classify", response_model=ClassifyResponse,
-              responses={400: {"description": "malformed request"}, 401: {"description": "bad token"},
-                         413: {"description": "too many or too long texts"}})
+    @app.post(
+        "/v1/classify",
+        response_model=ClassifyResponse,
+        responses={
+            400: {"description": "malformed request"},
+            401: {"description": "bad token"},
+            413: {"description": "too many or too long texts"},
+        },
+    )
     async def classify(self, request: Request) -> Any:
         if not self._authorized(request):
             return self._error(401, "missing or wrong bearer token")
@@ -188,8 +205,11 @@ def build_app(student: str, options: ServeConfig):
         actor_options["runtime_env"] = {"env_vars": {options.token_env: os.environ[options.token_env]}}
     return StudentClassifier.options(
         ray_actor_options=actor_options,
-        autoscaling_config={"min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
-                            "target_ongoing_requests": options.target_ongoing_requests},
+        autoscaling_config={
+            "min_replicas": options.min_replicas,
+            "max_replicas": options.max_replicas,
+            "target_ongoing_requests": options.target_ongoing_requests,
+        },
         max_ongoing_requests=max(options.max_batch_size * 2, 8),
     ).bind(student_dir, options.model_dump())
 
@@ -229,8 +249,13 @@ def serve_command(student: str | None, cfg: Config, detach: bool = False, stop: 
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # it listens on loopback only
         cfg.ray.address = address
     init_ray(cfg.ray)
-    logger.info("serving %s on http://%s:%d (docs at /docs)%s", student, cfg.serve.host, cfg.serve.port,
-                "" if detach else "; Ctrl-C stops")
+    logger.info(
+        "serving %s on http://%s:%d (docs at /docs)%s",
+        student,
+        cfg.serve.host,
+        cfg.serve.port,
+        "" if detach else "; Ctrl-C stops",
+    )
     try:
         start_serving(student, cfg.serve, blocking=not detach)
     except KeyboardInterrupt:

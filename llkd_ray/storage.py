@@ -5,6 +5,7 @@ filesystem directly; a run directory is written locally (plots, the exported stu
 local libraries) and published to its URI when the run ends; a student on a URI is fetched into a local cache by
 whoever loads it (a Serve replica on any node).
 """
+
 from __future__ import annotations
 
 import hashlib

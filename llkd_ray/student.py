@@ -2,6 +2,7 @@
 
 This module knows nothing of Ray; training wires it up in ``training.py``.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,12 @@ def predict_probs(network, tokenizer, texts: list[str], max_length: int, batch_s
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
-                              max_length=max_length, return_tensors="pt").to(device)
+            batch = tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            ).to(device)
             outputs.append(torch.softmax(network(**batch).logits.float(), dim=-1).cpu().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0, network.config.num_labels))

@@ -1,12 +1,13 @@
 """``llkd submit``: send one of jobs/*.py to a Ray cluster through the Job Submission API, with this checkout as
 the working directory, and follow its logs (what `ray job submit --working-dir . -- python jobs/...` does)."""
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-import sys
 import shlex
+import sys
 from pathlib import Path
 
 from llkd_ray.ray_session import FORWARDED_ENV

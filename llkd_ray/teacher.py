@@ -1,4 +1,5 @@
 """The teacher: texts in, label distributions out; and the Ray Data actor that runs it over a corpus."""
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,11 @@ logger = logging.getLogger(__name__)
 # The corpus row plus what the teacher adds to it.
 SCORED_SCHEMA = pa.schema(
     list(ROW_SCHEMA)
-    + [pa.field("probs_raw", pa.list_(pa.float32())), pa.field("label_mass", pa.float32()),
-       pa.field("truncated", pa.bool_())]
+    + [
+        pa.field("probs_raw", pa.list_(pa.float32())),
+        pa.field("label_mass", pa.float32()),
+        pa.field("truncated", pa.bool_()),
+    ]
 )
 
 

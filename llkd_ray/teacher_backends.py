@@ -8,6 +8,7 @@ over the full vocabulary for just the tokens asked about:
 
 The device is configuration: the same classes run on CPU here and on GPUs in a cluster.
 """
+
 from __future__ import annotations
 
 import os
@@ -102,7 +103,7 @@ class VLLMBackend:
         for index, output in enumerate(outputs):
             row, column = divmod(index, len(continuations))
             continuation = continuations[column]
-            scored = output.prompt_logprobs[-len(continuation):]
+            scored = output.prompt_logprobs[-len(continuation) :]
             result[row, column] = sum(position[token].logprob for position, token in zip(scored, continuation))
         return result
 

@@ -9,6 +9,7 @@ Each epoch, on every worker:
   4. evaluate on its shard of the gold-labelled holdout, and report metrics with a checkpoint.
 The final checkpoint also carries the student exported in Hugging Face format (ZeRO-3 shards gathered first).
 """
+
 from __future__ import annotations
 
 import json
@@ -46,20 +47,26 @@ def split_pool_and_holdout(labels: pa.Table, cfg: Config) -> tuple[pa.Table, pa.
     for row in rows:
         gold_ok = row["gold"] in names
         (holdout if gold_ok and len(holdout) < cfg.evaluation.holdout else pool).append(row)
-    pool_table = pa.table({
-        "pool_index": pa.array(range(len(pool)), type=pa.int64()),
-        "id": [r["id"] for r in pool],
-        "text": [r["text"] for r in pool],
-        "teacher_probs": pa.array([r[probs_column] for r in pool], type=pa.list_(pa.float32())),
-        "teacher_label": pa.array([r["label_index"] for r in pool], type=pa.int32()),
-        "gold_index": pa.array([names.index(r["gold"]) if r["gold"] in names else -1 for r in pool], type=pa.int32()),
-    })
-    holdout_table = pa.table({
-        "id": [r["id"] for r in holdout],
-        "text": [r["text"] for r in holdout],
-        "gold_index": pa.array([names.index(r["gold"]) for r in holdout], type=pa.int32()),
-        "teacher_probs": pa.array([r[probs_column] for r in holdout], type=pa.list_(pa.float32())),
-    })
+    pool_table = pa.table(
+        {
+            "pool_index": pa.array(range(len(pool)), type=pa.int64()),
+            "id": [r["id"] for r in pool],
+            "text": [r["text"] for r in pool],
+            "teacher_probs": pa.array([r[probs_column] for r in pool], type=pa.list_(pa.float32())),
+            "teacher_label": pa.array([r["label_index"] for r in pool], type=pa.int32()),
+            "gold_index": pa.array(
+                [names.index(r["gold"]) if r["gold"] in names else -1 for r in pool], type=pa.int32()
+            ),
+        }
+    )
+    holdout_table = pa.table(
+        {
+            "id": [r["id"] for r in holdout],
+            "text": [r["text"] for r in holdout],
+            "gold_index": pa.array([names.index(r["gold"]) for r in holdout], type=pa.int32()),
+            "teacher_probs": pa.array([r[probs_column] for r in holdout], type=pa.list_(pa.float32())),
+        }
+    )
     return pool_table, holdout_table
 
 
@@ -90,8 +97,9 @@ class TrainResult:
     checkpoint_path: str
 
 
-def train_student(cfg: Config, pool: pa.Table, holdout: pa.Table, run_dir: Path,
-                  fail_once_at: tuple[int, str] | None = None) -> TrainResult:
+def train_student(
+    cfg: Config, pool: pa.Table, holdout: pa.Table, run_dir: Path, fail_once_at: tuple[int, str] | None = None
+) -> TrainResult:
     """Run the Ray Train job and copy the exported student into ``run_dir/student``.
 
     ``fail_once_at=(epoch, marker_path)`` kills the rank-0 worker process once at that epoch (fault injection
@@ -235,9 +243,11 @@ def _train_pass(engine, encode, texts, labels, weights, positions, cfg: Config, 
 
 def epoch_line(metrics: dict, epochs: int, pool_size: int) -> str:
     """The one line a person sees per epoch (everything else is in metrics.json and the report)."""
-    fields = [f"epoch {metrics['epoch']}/{epochs}",
-              f"selected {metrics['selected']:>6,} ({metrics['selected'] / max(pool_size, 1):6.1%} of the pool)",
-              f"loss {metrics['loss']:.4f}"]
+    fields = [
+        f"epoch {metrics['epoch']}/{epochs}",
+        f"selected {metrics['selected']:>6,} ({metrics['selected'] / max(pool_size, 1):6.1%} of the pool)",
+        f"loss {metrics['loss']:.4f}",
+    ]
     if "eval_macro_f1" in metrics:
         fields.append(f"holdout macro-F1 {metrics['eval_macro_f1']:.3f}")
     fields.append(f"{metrics['epoch_seconds']:.1f} s")
@@ -275,10 +285,10 @@ def train_loop(loop_config: dict) -> None:
     names = cfg.task.label_names
     device = ray.train.torch.get_device()
 
-    pool = _columns(ray.train.get_dataset_shard("pool"), ["pool_index", "text", "teacher_probs", "teacher_label"],
-                    "pool_index")
-    holdout = _columns(ray.train.get_dataset_shard("holdout"), ["holdout_index", "text", "gold_index"],
-                       "holdout_index")
+    pool = _columns(
+        ray.train.get_dataset_shard("pool"), ["pool_index", "text", "teacher_probs", "teacher_label"], "pool_index"
+    )
+    holdout = _columns(ray.train.get_dataset_shard("holdout"), ["holdout_index", "text", "gold_index"], "holdout_index")
     texts, labels = pool["text"], np.asarray(pool["teacher_label"], dtype=np.int64)
     local_index = np.asarray(pool["pool_index"], dtype=np.int64)
 
@@ -286,8 +296,9 @@ def train_loop(loop_config: dict) -> None:
     engine = make_engine(network, cfg.training, device)
 
     def encode(batch: list[str]) -> dict:
-        encoded = tokenizer(batch, padding=True, truncation=True, max_length=cfg.student.max_length,
-                            return_tensors="pt")
+        encoded = tokenizer(
+            batch, padding=True, truncation=True, max_length=cfg.student.max_length, return_tensors="pt"
+        )
         return {key: value.to(device) for key, value in encoded.items()}
 
     # Teacher side of the pool, gathered once: it does not change between epochs.
@@ -319,7 +330,9 @@ def train_loop(loop_config: dict) -> None:
         student_probs = np.concatenate([p[1] for p in parts])[np.argsort(np.concatenate([p[0] for p in parts]))]
         scores = PoolScores(teacher_probs, teacher_labels, np.round(student_probs, SCORE_DECIMALS))
         selection = select(
-            cfg.selection.strategy, scores, thresholds,
+            cfg.selection.strategy,
+            scores,
+            thresholds,
             momentum=cfg.selection.momentum,
             warmup=epoch <= cfg.selection.warmup_epochs,
             rng=np.random.default_rng([cfg.selection.seed, epoch]),
@@ -332,8 +345,17 @@ def train_loop(loop_config: dict) -> None:
         used |= selection.mask
         positions = np.flatnonzero(selection.mask[local_index])
         scored_at = time.time()
-        loss = _train_pass(engine, encode, texts, labels, selection.weights[local_index], positions, cfg,
-                           np.random.default_rng([cfg.training.seed, epoch, rank]), collective)
+        loss = _train_pass(
+            engine,
+            encode,
+            texts,
+            labels,
+            selection.weights[local_index],
+            positions,
+            cfg,
+            np.random.default_rng([cfg.training.seed, epoch, rank]),
+            collective,
+        )
         losses = [value for value in collective.gather(loss) if not np.isnan(value)]
         train_seconds = time.time() - scored_at
 
@@ -355,8 +377,11 @@ def train_loop(loop_config: dict) -> None:
         if len(gold):
             report = classification_report(gold, predicted, names)
             metrics.update(eval_accuracy=report["accuracy"], eval_macro_f1=report["macro_f1"])
-        metrics.update(score_select_seconds=round(scored_at - started, 3), train_seconds=round(train_seconds, 3),
-                       epoch_seconds=round(time.time() - started, 3))
+        metrics.update(
+            score_select_seconds=round(scored_at - started, 3),
+            train_seconds=round(train_seconds, 3),
+            epoch_seconds=round(time.time() - started, 3),
+        )
         history.append(metrics)
 
         final = epoch == cfg.training.epochs
@@ -364,17 +389,28 @@ def train_loop(loop_config: dict) -> None:
             engine.save(directory)
             state_dict = engine.full_state_dict() if final else None  # ZeRO-3: a collective on every rank
             if rank == 0:
-                state = {"epoch": epoch, "thresholds": asdict(thresholds), "history": history,
-                         "used": np.flatnonzero(used).tolist()}
+                state = {
+                    "epoch": epoch,
+                    "thresholds": asdict(thresholds),
+                    "history": history,
+                    "used": np.flatnonzero(used).tolist(),
+                }
                 Path(directory, STATE_FILE).write_text(json.dumps(state))
                 if final:
-                    export_student(engine.module, tokenizer, Path(directory) / STUDENT_DIR,
-                                   {"labels": names, "epochs": epoch, "selection": cfg.selection.strategy},
-                                   state_dict=state_dict)
+                    export_student(
+                        engine.module,
+                        tokenizer,
+                        Path(directory) / STUDENT_DIR,
+                        {"labels": names, "epochs": epoch, "selection": cfg.selection.strategy},
+                        state_dict=state_dict,
+                    )
                 worker_console_line(epoch_line(metrics, cfg.training.epochs, pool_size))
             has_files = any(Path(directory).iterdir())
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if has_files else None,
-                             checkpoint_dir_name=f"epoch-{epoch:03d}")
+            ray.train.report(
+                metrics,
+                checkpoint=Checkpoint.from_directory(directory) if has_files else None,
+                checkpoint_dir_name=f"epoch-{epoch:03d}",
+            )
         del state_dict
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

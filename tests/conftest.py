@@ -1,4 +1,5 @@
 """Shared fixtures: one real local Ray cluster per session, real small models from PyPI packages, offline."""
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,13 @@ RAY = str(Path(sys.executable).parent / "ray")
 # Job drivers run `python` from PATH: make it this interpreter (the venv), as a cluster image would.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 # Forwarded to every worker the test cluster starts.
-WORKER_ENV = ("HF_HUB_OFFLINE", "RAY_AUTH_MODE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING",
-              "TOKENIZERS_PARALLELISM")
+WORKER_ENV = (
+    "HF_HUB_OFFLINE",
+    "RAY_AUTH_MODE",
+    "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_ENABLE_V1_MULTIPROCESSING",
+    "TOKENIZERS_PARALLELISM",
+)
 GPU_NODE_RESOURCE = "gpu_node"  # what the second node offers in place of a GPU
 
 
@@ -67,11 +73,23 @@ class TestCluster:
         gets its own temp dir, as real nodes have their own disks: nodes sharing one would share the runtime-env
         cache, and one node deleting a job's working directory would pull it from under the other's driver."""
         port = free_port()
-        subprocess.run([RAY, "start", "--address", self.address, f"--num-cpus={num_cpus}",
-                        f"--temp-dir=/tmp/llkd_n{port}",
-                        f"--resources={json.dumps(resources)}", f"--node-manager-port={port}",
-                        "--object-store-memory=200000000", "--disable-usage-stats"],
-                       check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [
+                RAY,
+                "start",
+                "--address",
+                self.address,
+                f"--num-cpus={num_cpus}",
+                f"--temp-dir=/tmp/llkd_n{port}",
+                f"--resources={json.dumps(resources)}",
+                f"--node-manager-port={port}",
+                "--object-store-memory=200000000",
+                "--disable-usage-stats",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         return port
 
 
@@ -91,14 +109,30 @@ def ray_cluster():
     import ray
 
     port, dashboard_port = free_port(), free_port()
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--object-store-memory=300000000",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                    "--temp-dir=/tmp/llkd_ray_tests", "--disable-usage-stats"],
-                   check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--object-store-memory=300000000",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            "--temp-dir=/tmp/llkd_ray_tests",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     cluster = TestCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}")
     cluster.start_node({GPU_NODE_RESOURCE: 1})
-    ray.init(address=cluster.address,
-             runtime_env={"env_vars": {key: os.environ[key] for key in WORKER_ENV if key in os.environ}})
+    ray.init(
+        address=cluster.address,
+        runtime_env={"env_vars": {key: os.environ[key] for key in WORKER_ENV if key in os.environ}},
+    )
     yield cluster
     ray.shutdown()
     subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)

@@ -1,10 +1,10 @@
 """The command line as a user meets it: arguments in any order, a quiet console with the full log in the run
 directory, and `llkd serve --detach` / `--stop`."""
+
 import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,11 +28,14 @@ def parse(argv: list[str]):
     return args, overrides
 
 
-@pytest.mark.parametrize("argv", [
-    ["serve", "runs/x", "--detach", "serve.port=8001", "--config", "c.yaml"],
-    ["serve", "serve.port=8001", "runs/x", "--config", "c.yaml", "--detach"],
-    ["serve", "--config", "c.yaml", "serve.port=8001", "--detach", "runs/x"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "runs/x", "--detach", "serve.port=8001", "--config", "c.yaml"],
+        ["serve", "serve.port=8001", "runs/x", "--config", "c.yaml", "--detach"],
+        ["serve", "--config", "c.yaml", "serve.port=8001", "--detach", "runs/x"],
+    ],
+)
 def test_options_and_overrides_mix_in_any_order(argv):
     args, overrides = parse(argv)
     assert (args.command, args.student, args.detach, args.config) == ("serve", "runs/x", True, "c.yaml")
@@ -65,15 +68,24 @@ def test_llkd_run_prints_stages_a_progress_bar_and_one_line_per_epoch(ray_cluste
     rows = load_rotten_tomatoes(seed=61, limit=80).to_pylist()
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": r["text"], "label": r["gold"]}) + "\n" for r in rows))
-    cfg = make_config(corpus={"source": str(corpus), "gold_column": "label"}, teacher={"num_cpus": 0.5},
-                      store={"path": str(tmp_path / "store")}, student={"max_length": 48},
-                      training={"strategy": "ddp", "epochs": 2, "cpus_per_worker": 0.5,
-                                "storage_path": str(tmp_path / "ray")},
-                      evaluation={"holdout": 20}, output={"name": "console", "dir": str(tmp_path / "runs")})
+    cfg = make_config(
+        corpus={"source": str(corpus), "gold_column": "label"},
+        teacher={"num_cpus": 0.5},
+        store={"path": str(tmp_path / "store")},
+        student={"max_length": 48},
+        training={"strategy": "ddp", "epochs": 2, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "ray")},
+        evaluation={"holdout": 20},
+        output={"name": "console", "dir": str(tmp_path / "runs")},
+    )
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump()))
-    result = subprocess.run([LLKD, "run", "--config", str(config_file)], capture_output=True, text=True,
-                            timeout=900, env={**os.environ, "RAY_ADDRESS": ray_cluster.address})
+    result = subprocess.run(
+        [LLKD, "run", "--config", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "RAY_ADDRESS": ray_cluster.address},
+    )
     terminal = result.stdout + result.stderr
     assert result.returncode == 0, terminal[-3000:]
     lines = terminal.splitlines()
@@ -107,8 +119,13 @@ def test_serve_detach_outlives_the_command_on_a_cluster_it_starts_and_stop_ends_
     env.update(RAY_TMPDIR=ray_tmp, LLKD_CACHE=str(tmp_path / "cache"))
     port = free_port()
     common = [f"output.dir={tmp_path / 'runs'}", "serve.num_cpus=0.5"]
-    detached = subprocess.run([LLKD, "serve", str(exported_student.parent), "--detach", f"serve.port={port}",
-                               *common], capture_output=True, text=True, timeout=300, env=env)
+    detached = subprocess.run(
+        [LLKD, "serve", str(exported_student.parent), "--detach", f"serve.port={port}", *common],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert detached.returncode == 0, detached.stderr[-3000:]
     assert "starting a local one that outlives this command" in detached.stderr
     assert "llkd serve --stop" in detached.stderr
@@ -117,8 +134,7 @@ def test_serve_detach_outlives_the_command_on_a_cluster_it_starts_and_stop_ends_
     response = requests.post(f"http://127.0.0.1:{port}/v1/classify", json={"texts": ["A fine film."]}, timeout=60)
     assert response.status_code == 200 and response.json()["predictions"][0]["label"] in ("positive", "negative")
 
-    stopped = subprocess.run([LLKD, "serve", "--stop", *common], capture_output=True, text=True, timeout=300,
-                             env=env)
+    stopped = subprocess.run([LLKD, "serve", "--stop", *common], capture_output=True, text=True, timeout=300, env=env)
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopped the endpoint and the local Ray cluster" in stopped.stderr
     with pytest.raises(requests.ConnectionError):

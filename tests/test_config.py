@@ -69,8 +69,14 @@ def test_cli_reports_config_errors_before_starting_ray(tmp_path):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    result = subprocess.run([sys.executable, "-m", "llkd_ray.cli", "label", "teacher.num_actors=-1"],
-                            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "llkd_ray.cli", "label", "teacher.num_actors=-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert "teacher.num_actors: Input should be greater than or equal to 1" in result.stderr
     assert "Ray" not in result.stdout + result.stderr  # nothing was started

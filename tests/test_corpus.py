@@ -1,4 +1,5 @@
 """Corpus readers: every format, hostile rows rejected with a reason, nothing dropped."""
+
 import json
 
 import pyarrow as pa
@@ -42,8 +43,12 @@ def test_jsonl_with_hostile_rows():
 
 
 def test_csv_tsv_and_text_files():
-    csv_rows = rows_of(b'id,text,label\n7,"multi\nline, quoted",negative\n8,,positive\n9,ok,positive,extra\n', "csv",
-                       id_column="id", gold_column="label")
+    csv_rows = rows_of(
+        b'id,text,label\n7,"multi\nline, quoted",negative\n8,,positive\n9,ok,positive,extra\n',
+        "csv",
+        id_column="id",
+        gold_column="label",
+    )
     assert [(r["id"], r["text"], r["reject_reason"]) for r in csv_rows[:2]] == [
         ("7", "multi\nline, quoted", None),
         ("8", "", "text is empty"),
@@ -63,7 +68,9 @@ def test_parquet_with_wrong_types_and_missing_ids(tmp_path):
     pq.write_table(table, path)
     rows = list(parse_file(path.read_bytes(), str(path), "parquet", CorpusConfig(text_column="doc", id_column="key")))
     assert [(r["id"], r["reject_reason"]) for r in rows] == [
-        ("k1", None), ("k2", "text is missing (null)"), (rows[2]["id"], "id is missing"),
+        ("k1", None),
+        ("k2", "text is missing (null)"),
+        (rows[2]["id"], "id is missing"),
     ]
     binary = tmp_path / "b.parquet"
     pq.write_table(pa.table({"text": pa.array([b"ok bytes", b"\xff\xfe"], type=pa.binary())}), binary)
@@ -93,6 +100,11 @@ def test_builtin_rotten_tomatoes_is_real_balanced_and_deterministic():
 
 
 def test_gold_codes_are_mapped_to_label_names():
-    rows = rows_of(b'label,description\n2,"Striker scores twice"\n9,"Unknown code"\n', "csv", text_column="description",
-                   gold_column="label", gold_map={"1": "world", "2": "sports"})
+    rows = rows_of(
+        b'label,description\n2,"Striker scores twice"\n9,"Unknown code"\n',
+        "csv",
+        text_column="description",
+        gold_column="label",
+        gold_map={"1": "world", "2": "sports"},
+    )
     assert [r["gold"] for r in rows] == ["sports", "9"]  # an unmapped code stays as it is (not evaluated)

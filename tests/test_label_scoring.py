@@ -1,4 +1,5 @@
 """The label-distribution math against values worked out by hand (fractions in the comments)."""
+
 import numpy as np
 import pytest
 

@@ -1,4 +1,5 @@
 """The label stage on a real local Ray cluster: hostile input, and a killed run resumed with exact accounting."""
+
 import json
 import os
 import signal
@@ -38,8 +39,11 @@ def stored_sources(summary_path: str) -> list[str]:
 def test_hostile_rows_are_rejected_and_the_rest_labeled(ray_cluster, tmp_path):
     texts = load_rotten_tomatoes(seed=5, limit=30).to_pylist()
     good = [{"text": row["text"], "label": row["gold"]} for row in texts]
-    jsonl = write_jsonl(tmp_path / "reviews.jsonl", good[:20] + [{"text": None}, {"text": 3.5}, {"text": "  "}],
-                        [b"{broken json", b'{"text": "caf\xe9 au lait"}'])
+    jsonl = write_jsonl(
+        tmp_path / "reviews.jsonl",
+        good[:20] + [{"text": None}, {"text": 3.5}, {"text": "  "}],
+        [b"{broken json", b'{"text": "caf\xe9 au lait"}'],
+    )
     csv_path = tmp_path / "more.csv"
     csv_path.write_text("text,label\n" + "".join(f'"{r["text"]}",{r["label"]}\n' for r in good[20:]) + '"x","y",z\n')
     cfg = make_config(
@@ -51,12 +55,18 @@ def test_hostile_rows_are_rejected_and_the_rest_labeled(ray_cluster, tmp_path):
     assert (summary.rows, summary.labeled, summary.rejected) == (36, 30, 6)
     rejects = pq.read_table(summary.labels_path.replace("labels.parquet", "rejects.parquet")).to_pylist()
     assert sorted(r["reject_reason"].split(" (")[0].split(":")[0] for r in rejects) == [
-        "invalid JSON line", "malformed row", "text is empty", "text is float, not a string",
-        "text is missing", "undecodable bytes",
+        "invalid JSON line",
+        "malformed row",
+        "text is empty",
+        "text is float, not a string",
+        "text is missing",
+        "undecodable bytes",
     ]
     labels = pq.read_table(summary.labels_path).to_pylist()
     assert {row["text"] for row in labels} == {row["text"] for row in good}
-    assert all(abs(sum(row["probs_calibrated"]) - 1) < 1e-5 and row["label"] in ("positive", "negative") for row in labels)
+    assert all(
+        abs(sum(row["probs_calibrated"]) - 1) < 1e-5 and row["label"] in ("positive", "negative") for row in labels
+    )
     assert all(row["confidence"] == max(row["probs_calibrated"]) for row in labels)
 
 
@@ -76,9 +86,14 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(ray_cluster, tmp_
 
     # A separate driver process on the same cluster, killed with SIGKILL once some parts are committed.
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
-    driver = subprocess.Popen([sys.executable, "-m", "llkd_ray.cli", "label", "--config", str(config_file)],
-                              cwd=ROOT, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "llkd_ray.cli", "label", "--config", str(config_file)],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     store = PseudoLabelStore(cfg)
     parts_dir = Path(store.root) / "parts"
     deadline = time.time() + 600

@@ -1,4 +1,5 @@
 """Prompt rendering and verbalizers, with the real SmolLM2 tokenizer where tokens matter."""
+
 import pytest
 
 from llkd_ray.config import LabelSpec, TaskConfig
@@ -21,14 +22,21 @@ def test_plain_prompt_is_instruction_labels_examples_then_the_text():
 
 
 def test_label_descriptions_appear_in_the_label_line():
-    task = TaskConfig(instruction="Topic?", labels=[LabelSpec(name="sci", description="science"), LabelSpec(name="art")])
+    task = TaskConfig(
+        instruction="Topic?", labels=[LabelSpec(name="sci", description="science"), LabelSpec(name="art")]
+    )
     assert render_prompt(task, "t").startswith("Topic?\nLabels: sci (science), art\n\n")
 
 
 def test_default_verbalizers_cover_case_and_leading_space():
     assert default_verbalizers(LabelSpec(name="positive")) == [" positive", "positive", " Positive", "Positive"]
     assert default_verbalizers(LabelSpec(name="SciTech")) == [
-        " scitech", "scitech", " Scitech", "Scitech", " SciTech", "SciTech",
+        " scitech",
+        "scitech",
+        " Scitech",
+        "Scitech",
+        " SciTech",
+        "SciTech",
     ]
     assert default_verbalizers(LabelSpec(name="x", verbalizers=["yes", "yes", "y"])) == ["yes", "y"]
 
@@ -36,11 +44,21 @@ def test_default_verbalizers_cover_case_and_leading_space():
 def test_verbalizer_tokens_are_the_tokens_that_follow_the_answer_prefix(smollm2_tokenizer):
     verbalizer = build_verbalizer(TASK, smollm2_tokenizer)
     surfaces = {smollm2_tokenizer.decode(list(ids)): label for label, ids in verbalizer.variants}
-    assert surfaces == {" positive": 0, "positive": 0, " Positive": 0, "Positive": 0,
-                        " negative": 1, "negative": 1, " Negative": 1, "Negative": 1}
+    assert surfaces == {
+        " positive": 0,
+        "positive": 0,
+        " Positive": 0,
+        "Positive": 0,
+        " negative": 1,
+        "negative": 1,
+        " Negative": 1,
+        "Negative": 1,
+    }
     prompt_ids = smollm2_tokenizer(render_prompt(TASK, "Fine."), add_special_tokens=False)["input_ids"]
     for _, ids in verbalizer.variants:
-        full = smollm2_tokenizer(render_prompt(TASK, "Fine.") + smollm2_tokenizer.decode(list(ids)), add_special_tokens=False)
+        full = smollm2_tokenizer(
+            render_prompt(TASK, "Fine.") + smollm2_tokenizer.decode(list(ids)), add_special_tokens=False
+        )
         assert full["input_ids"] == prompt_ids + list(ids)
 
 
@@ -53,9 +71,7 @@ def test_multi_token_labels_keep_every_token(smollm2_tokenizer):
 
 
 def test_labels_sharing_a_surface_form_are_refused(smollm2_tokenizer):
-    task = TaskConfig(
-        instruction="?", labels=[LabelSpec(name="Yes"), LabelSpec(name="yes_", verbalizers=[" yes"])]
-    )
+    task = TaskConfig(instruction="?", labels=[LabelSpec(name="Yes"), LabelSpec(name="yes_", verbalizers=[" yes"])])
     with pytest.raises(ValueError, match="share the surface form ' yes'"):
         build_verbalizer(task, smollm2_tokenizer)
 

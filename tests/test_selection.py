@@ -1,4 +1,5 @@
 """LLKD thresholds, selection and weights against values worked out by hand; the baselines' budgets."""
+
 import numpy as np
 import pytest
 
@@ -18,7 +19,9 @@ def run(strategy="llkd", state=None, student=STUDENT, **kwargs):
 
 def test_normalized_entropy():
     np.testing.assert_allclose(normalized_entropy(STUDENT), [1.0, 0.46900, 0.97095, 0.72193], atol=1e-5)
-    np.testing.assert_allclose(normalized_entropy(np.array([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]])), [0, 1], atol=1e-9)
+    np.testing.assert_allclose(
+        normalized_entropy(np.array([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]])), [0, 1], atol=1e-9
+    )
 
 
 def test_first_epoch_thresholds_selection_and_weights():
@@ -39,8 +42,11 @@ def test_class_balanced_weights():
     # Six samples: teacher-confident are 0-4 (classes 0,0,0,1,1 → π = (.6, .4)); selected are 0, 1 (class 0) and
     # 3 (class 1), so |S| = 3, |S_0| = 2, |S_1| = 1.
     teacher = np.array([[0.9, 0.1], [0.8, 0.2], [0.95, 0.05], [0.1, 0.9], [0.2, 0.8], [0.6, 0.4]])
-    scores = PoolScores(teacher, teacher.argmax(1), np.array([[0.5, 0.5], [0.7, 0.3], [0.99, 0.01],
-                                                              [0.6, 0.4], [0.98, 0.02], [0.5, 0.5]]))
+    scores = PoolScores(
+        teacher,
+        teacher.argmax(1),
+        np.array([[0.5, 0.5], [0.7, 0.3], [0.99, 0.01], [0.6, 0.4], [0.98, 0.02], [0.5, 0.5]]),
+    )
     mask = np.array([True, True, False, True, False, False])
     confident = np.array([True, True, True, True, True, False])
     weights = llkd_weights(scores, mask, confident)
@@ -79,8 +85,14 @@ def test_quantile_statistics_replace_the_global_means():
 def test_per_class_teacher_threshold_follows_the_class_prior():
     teacher = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.45, 0.55]])
     state = ThresholdState()
-    selection = select("llkd", PoolScores(teacher, teacher.argmax(1), STUDENT), state, momentum=0.9, warmup=True,
-                       rng=np.random.default_rng(0))
+    selection = select(
+        "llkd",
+        PoolScores(teacher, teacher.argmax(1), STUDENT),
+        state,
+        momentum=0.9,
+        warmup=True,
+        rng=np.random.default_rng(0),
+    )
     # τ^T = mean(.9, .8, .7, .55) = .7375; p̃ = (.7125, .2875) → τ^T(c) = (.7375, .7375·.2875/.7125 = .29759)
     np.testing.assert_allclose(selection.teacher_thresholds, [0.7375, 0.29759], atol=1e-5)
     # warm-up: the teacher criterion alone → .9, .8 pass for class 0, .55 ≥ .298 passes for class 1
@@ -120,6 +132,12 @@ def test_unknown_strategy():
 def test_a_class_absent_from_the_pool_keeps_a_threshold():
     teacher = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0]])
     state = ThresholdState()
-    selection = select("llkd", PoolScores(teacher, np.array([0, 0]), np.array([[0.5, 0.3, 0.2], [0.6, 0.2, 0.2]])),
-                       state, momentum=0.9, warmup=False, rng=np.random.default_rng(0))
+    selection = select(
+        "llkd",
+        PoolScores(teacher, np.array([0, 0]), np.array([[0.5, 0.3, 0.2], [0.6, 0.2, 0.2]])),
+        state,
+        momentum=0.9,
+        warmup=False,
+        rng=np.random.default_rng(0),
+    )
     assert np.isfinite(selection.student_thresholds).all() and np.isfinite(selection.teacher_thresholds).all()

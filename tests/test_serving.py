@@ -1,4 +1,5 @@
 """The student behind a real Ray Serve app on loopback: predictions, batching, bad input, auth."""
+
 import concurrent.futures
 import json
 import socket
@@ -26,8 +27,12 @@ def exported_student(tmp_path_factory):
     from llkd_ray.student import export_student, load_student
 
     network, tokenizer = load_student("minilm-l6", ["positive", "negative", "neutral"], seed=1)
-    return export_student(network, tokenizer, tmp_path_factory.mktemp("student") / "student",
-                          {"labels": ["positive", "negative", "neutral"], "max_length": 64})
+    return export_student(
+        network,
+        tokenizer,
+        tmp_path_factory.mktemp("student") / "student",
+        {"labels": ["positive", "negative", "neutral"], "max_length": 64},
+    )
 
 
 SERVE_PORT = free_port()
@@ -44,8 +49,15 @@ def server(ray_cluster, exported_student):
     from llkd_ray.serving import build_app
 
     port = SERVE_PORT
-    options = ServeConfig(port=port, max_texts=8, max_text_chars=200, overlong="reject", num_cpus=0.5,
-                          max_batch_size=16, batch_wait_timeout_s=0.2)
+    options = ServeConfig(
+        port=port,
+        max_texts=8,
+        max_text_chars=200,
+        overlong="reject",
+        num_cpus=0.5,
+        max_batch_size=16,
+        batch_wait_timeout_s=0.2,
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})  # one HTTP proxy per cluster: started once
     # Served from the run directory's URI, as from s3://: the replica fetches the student through pyarrow.
     run_dir_uri = f"file://{exported_student.parent}"
@@ -86,9 +98,12 @@ def test_health_metadata_and_docs(server):
 def test_concurrent_callers_are_batched_together(server):
     before = requests.get(f"{server}/v1/metadata", timeout=30).json()["stats"]
     with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
-        responses = list(pool.map(
-            lambda i: requests.post(f"{server}/v1/classify", json={"texts": [f"Review number {i}."]}, timeout=60),
-            range(12)))
+        responses = list(
+            pool.map(
+                lambda i: requests.post(f"{server}/v1/classify", json={"texts": [f"Review number {i}."]}, timeout=60),
+                range(12),
+            )
+        )
     assert all(r.status_code == 200 for r in responses)
     after = requests.get(f"{server}/v1/metadata", timeout=30).json()["stats"]
     assert after["requests"] - before["requests"] == 12
@@ -96,29 +111,34 @@ def test_concurrent_callers_are_batched_together(server):
     assert after["largest_batch"] > 1
 
 
-@pytest.mark.parametrize("body, status, message", [
-    (b"{not json", 400, "request body is not valid JSON"),
-    (b'{"texts": ["caf\xe9"]}', 400, "request body is not valid UTF-8"),
-    (json.dumps(["a", "list"]).encode(), 400, 'expected a JSON object {"texts"'),
-    (json.dumps({"text": ["a"]}).encode(), 400, 'expected a JSON object {"texts"'),
-    (json.dumps({"texts": "one string"}).encode(), 400, '"texts" must be a list of strings, not str'),
-    (json.dumps({"texts": []}).encode(), 400, '"texts" is empty'),
-    (json.dumps({"texts": ["ok", 7]}).encode(), 400, "texts[1] must be a string, not int"),
-    (json.dumps({"texts": ["ok", "  "]}).encode(), 400, "texts[1] is empty"),
-    (json.dumps({"texts": ["t"] * 9}).encode(), 413, "too many texts: 9 > 8"),
-    (json.dumps({"texts": ["x" * 201]}).encode(), 413, "texts[0] has 201 characters > 200"),
-])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (b"{not json", 400, "request body is not valid JSON"),
+        (b'{"texts": ["caf\xe9"]}', 400, "request body is not valid UTF-8"),
+        (json.dumps(["a", "list"]).encode(), 400, 'expected a JSON object {"texts"'),
+        (json.dumps({"text": ["a"]}).encode(), 400, 'expected a JSON object {"texts"'),
+        (json.dumps({"texts": "one string"}).encode(), 400, '"texts" must be a list of strings, not str'),
+        (json.dumps({"texts": []}).encode(), 400, '"texts" is empty'),
+        (json.dumps({"texts": ["ok", 7]}).encode(), 400, "texts[1] must be a string, not int"),
+        (json.dumps({"texts": ["ok", "  "]}).encode(), 400, "texts[1] is empty"),
+        (json.dumps({"texts": ["t"] * 9}).encode(), 413, "too many texts: 9 > 8"),
+        (json.dumps({"texts": ["x" * 201]}).encode(), 413, "texts[0] has 201 characters > 200"),
+    ],
+)
 def test_bad_input_gets_a_4xx_and_the_service_keeps_answering(server, body, status, message):
-    response = requests.post(f"{server}/v1/classify", data=body, headers={"Content-Type": "application/json"},
-                             timeout=60)
+    response = requests.post(
+        f"{server}/v1/classify", data=body, headers={"Content-Type": "application/json"}, timeout=60
+    )
     assert response.status_code == status
     assert message in response.json()["error"]
     assert requests.post(f"{server}/v1/classify", json={"texts": ["still here"]}, timeout=60).status_code == 200
 
 
 def test_overlong_texts_are_truncated_when_configured():
-    texts, truncated = parse_texts(json.dumps({"texts": ["ok", "y" * 50]}).encode(),
-                                   ServeConfig(max_text_chars=10, overlong="truncate"))
+    texts, truncated = parse_texts(
+        json.dumps({"texts": ["ok", "y" * 50]}).encode(), ServeConfig(max_text_chars=10, overlong="truncate")
+    )
     assert texts == ["ok", "y" * 10] and truncated == [1]
     with pytest.raises(BadRequest, match="50 characters > 10"):
         parse_texts(json.dumps({"texts": ["y" * 50]}).encode(), ServeConfig(max_text_chars=10, overlong="reject"))

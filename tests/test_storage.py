@@ -1,4 +1,5 @@
 """Run directories and students on filesystem URIs (pyarrow), the code path s3:// and gs:// take."""
+
 import time
 
 import pytest

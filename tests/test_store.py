@@ -1,4 +1,5 @@
 """Pseudo-label store: fingerprints, atomic parts, crash leftovers, consolidation and row accounting (no Ray)."""
+
 import json
 
 import numpy as np
@@ -40,17 +41,40 @@ def test_commit_resume_and_finalize_account_for_every_row(tmp_path):
     cfg = make_config(store={"path": str(tmp_path / "store")})
     store = PseudoLabelStore(cfg)
     assert store.stored_sources() == set()
-    assert store.commit(scored([
-        {"id": "a", "text": "A", "source": "f:1", "probs_raw": [0.9, 0.1], "label_mass": 0.8},
-        {"id": "b", "text": "B", "source": "f:2", "probs_raw": [0.6, 0.4], "label_mass": 0.9, "truncated": True},
-        {"id": "x", "text": "", "source": "f:3", "reject_reason": "text is empty"},
-    ])) == (2, 1)
-    assert store.commit(scored([
-        {"id": "a", "text": "A", "source": "f:4", "probs_raw": [0.9, 0.1], "label_mass": 0.8},  # same text again
-        {"id": "c", "text": "C", "source": "f:5", "probs_raw": [0.3, 0.7], "label_mass": 0.7},
-    ])) == (2, 0)
+    assert store.commit(
+        scored(
+            [
+                {"id": "a", "text": "A", "source": "f:1", "probs_raw": [0.9, 0.1], "label_mass": 0.8},
+                {
+                    "id": "b",
+                    "text": "B",
+                    "source": "f:2",
+                    "probs_raw": [0.6, 0.4],
+                    "label_mass": 0.9,
+                    "truncated": True,
+                },
+                {"id": "x", "text": "", "source": "f:3", "reject_reason": "text is empty"},
+            ]
+        )
+    ) == (2, 1)
+    assert store.commit(
+        scored(
+            [
+                {
+                    "id": "a",
+                    "text": "A",
+                    "source": "f:4",
+                    "probs_raw": [0.9, 0.1],
+                    "label_mass": 0.8,
+                },  # same text again
+                {"id": "c", "text": "C", "source": "f:5", "probs_raw": [0.3, 0.7], "label_mass": 0.7},
+            ]
+        )
+    ) == (2, 0)
     # A crash mid-write leaves a truncated file: it is removed and its rows count as not stored.
-    (tmp_path / "store" / f"teacher-{teacher_fingerprint(cfg)}" / "parts" / "part-999-broken.parquet").write_bytes(b"PAR1junk")
+    (tmp_path / "store" / f"teacher-{teacher_fingerprint(cfg)}" / "parts" / "part-999-broken.parquet").write_bytes(
+        b"PAR1junk"
+    )
     reopened = PseudoLabelStore(cfg)
     assert reopened.stored_sources() == {"f:1", "f:2", "f:3", "f:4", "f:5"}
 
@@ -73,10 +97,14 @@ def test_commit_resume_and_finalize_account_for_every_row(tmp_path):
 def test_uncalibrated_labels_come_from_the_raw_distribution(tmp_path):
     cfg = make_config(store={"path": str(tmp_path / "s")}, teacher={"calibrate": False})
     store = PseudoLabelStore(cfg)
-    store.commit(scored([
-        {"id": "a", "text": "A", "source": "f:1", "probs_raw": [0.9, 0.1], "label_mass": 1.0},
-        {"id": "b", "text": "B", "source": "f:2", "probs_raw": [0.7, 0.3], "label_mass": 1.0},
-    ]))
+    store.commit(
+        scored(
+            [
+                {"id": "a", "text": "A", "source": "f:1", "probs_raw": [0.9, 0.1], "label_mass": 1.0},
+                {"id": "b", "text": "B", "source": "f:2", "probs_raw": [0.7, 0.3], "label_mass": 1.0},
+            ]
+        )
+    )
     labels = pq.read_table(store.finalize().labels_path).to_pylist()
     assert [row["label"] for row in labels] == ["positive", "positive"]  # calibrated, b would be negative
     assert labels[1]["confidence"] == np.float32(0.7)
@@ -88,8 +116,14 @@ def test_read_labels_keeps_the_rows_of_the_configured_corpus(tmp_path, ray_clust
     small = make_config(store={"path": str(tmp_path / "s")}, corpus={"limit": 4})
     rows = load_rotten_tomatoes(seed=big.corpus.seed, limit=6).to_pylist()
     store = PseudoLabelStore(big)
-    store.commit(scored([{"id": r["id"], "text": r["text"], "source": r["source"], "probs_raw": [0.8, 0.2],
-                          "label_mass": 1.0} for r in rows]))
+    store.commit(
+        scored(
+            [
+                {"id": r["id"], "text": r["text"], "source": r["source"], "probs_raw": [0.8, 0.2], "label_mass": 1.0}
+                for r in rows
+            ]
+        )
+    )
     store.finalize()
     assert corpus_ids(small.corpus) == {r["id"] for r in rows[:4]}
     assert read_labels(small, ids=corpus_ids(small.corpus))["id"].to_pylist() == [r["id"] for r in rows[:4]]

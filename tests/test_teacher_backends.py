@@ -2,6 +2,7 @@
 
 Stated tolerance: 2e-3 absolute on every label probability (both run float32; measured differences ~1e-5).
 """
+
 import numpy as np
 import pytest
 
@@ -16,8 +17,12 @@ TOPIC_TASK = {
     "labels": [{"name": "world politics"}, {"name": "sports"}, {"name": "science and technology"}],
     "examples": [{"text": "Parliament passes the new budget", "label": "world politics"}],
 }
-HEADLINES = ["Striker scores twice as United win the derby", "New telescope spots water on a distant planet",
-             "Leaders meet in Geneva for peace talks", "Chip maker unveils faster processor"]
+HEADLINES = [
+    "Striker scores twice as United win the derby",
+    "New telescope spots water on a distant planet",
+    "Leaders meet in Geneva for peace talks",
+    "Chip maker unveils faster processor",
+]
 
 pytestmark = pytest.mark.slow
 

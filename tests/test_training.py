@@ -1,5 +1,6 @@
 """The student stage on a real local Ray cluster: Ray Train with DDP and DeepSpeed, selection independent of the
 worker count, export, recovery from a killed worker, and a re-run that resumes."""
+
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +24,30 @@ def pool_and_holdout():
     confidence = rng.uniform(0.5, 1.0, len(rows))
     teacher_label = np.where(rng.uniform(size=len(rows)) < 0.85, gold, 1 - gold)
     probs = np.where(teacher_label[:, None] == np.arange(2), confidence[:, None], 1 - confidence[:, None])
-    labels = pa.table({
-        "id": [r["id"] for r in rows], "text": [r["text"] for r in rows], "gold": [r["gold"] for r in rows],
-        "probs_raw": pa.array(probs.tolist(), type=pa.list_(pa.float32())),
-        "probs_calibrated": pa.array(probs.tolist(), type=pa.list_(pa.float32())),
-        "label_index": pa.array(teacher_label, type=pa.int32()),
-    })
+    labels = pa.table(
+        {
+            "id": [r["id"] for r in rows],
+            "text": [r["text"] for r in rows],
+            "gold": [r["gold"] for r in rows],
+            "probs_raw": pa.array(probs.tolist(), type=pa.list_(pa.float32())),
+            "probs_calibrated": pa.array(probs.tolist(), type=pa.list_(pa.float32())),
+            "label_index": pa.array(teacher_label, type=pa.int32()),
+        }
+    )
     return split_pool_and_holdout(labels, make_config(evaluation={"holdout": 40}))
 
 
 def config(tmp_path: Path, name: str, **training):
     return make_config(
         student={"max_length": 48},
-        training={"storage_path": str(tmp_path / "ray"), "epochs": 2, "batch_size": 16, "learning_rate": 1e-4,
-                  "cpus_per_worker": 0.5, **training},
+        training={
+            "storage_path": str(tmp_path / "ray"),
+            "epochs": 2,
+            "batch_size": 16,
+            "learning_rate": 1e-4,
+            "cpus_per_worker": 0.5,
+            **training,
+        },
         output={"name": name, "dir": str(tmp_path / "runs")},
     )
 
@@ -62,8 +73,12 @@ def test_split_keeps_gold_labelled_holdout_out_of_the_pool(pool_and_holdout):
 
 def test_selection_is_the_same_with_one_and_two_workers(ray_cluster, tmp_path, pool_and_holdout):
     pool, holdout = pool_and_holdout
-    one = train_student(config(tmp_path, "one", strategy="ddp", num_workers=1, epochs=1), pool, holdout, tmp_path / "one")
-    two = train_student(config(tmp_path, "two", strategy="ddp", num_workers=2, epochs=1), pool, holdout, tmp_path / "two")
+    one = train_student(
+        config(tmp_path, "one", strategy="ddp", num_workers=1, epochs=1), pool, holdout, tmp_path / "one"
+    )
+    two = train_student(
+        config(tmp_path, "two", strategy="ddp", num_workers=2, epochs=1), pool, holdout, tmp_path / "two"
+    )
     assert 0 < len(one.used_pool_indices) < pool.num_rows
     assert one.used_pool_indices == two.used_pool_indices
     for key in ("selected", "selected_per_class", "teacher_thresholds", "student_thresholds"):
