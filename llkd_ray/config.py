@@ -214,6 +214,10 @@ class ServeConfig(_Section):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, ge=1)
     target_ongoing_requests: float = Field(default=16, gt=0)
+    # Serve's own defaults: scale up after 30 s over target, down after 10 min under it, averaging over 30 s.
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+    look_back_period_s: float = Field(default=30.0, gt=0)
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
     max_texts: int = Field(default=256, gt=0)  # per request; more is a 413

@@ -209,6 +209,9 @@ def build_app(student: str, options: ServeConfig):
             "min_replicas": options.min_replicas,
             "max_replicas": options.max_replicas,
             "target_ongoing_requests": options.target_ongoing_requests,
+            "upscale_delay_s": options.upscale_delay_s,
+            "downscale_delay_s": options.downscale_delay_s,
+            "look_back_period_s": options.look_back_period_s,
         },
         max_ongoing_requests=max(options.max_batch_size * 2, 8),
     ).bind(student_dir, options.model_dump())

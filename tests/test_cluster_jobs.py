@@ -149,3 +149,46 @@ def test_a_teacher_node_killed_mid_labeling_loses_and_duplicates_nothing(ray_clu
     sources = pq.read_table(summary.labels_path, columns=["source"])["source"].to_pylist()
     assert sorted(sources) == sorted(f"{corpus}:{n}" for n in range(1, 241))  # nothing lost, nothing twice
     os.kill(raylet_pid(replacement), signal.SIGKILL)
+
+
+def node_id_of(node_manager_port: int) -> str:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["NodeManagerPort"] == node_manager_port]
+    assert len(nodes) == 1, f"no live node on port {node_manager_port}"
+    return nodes[0]["NodeID"]
+
+
+def test_the_teacher_pool_grows_onto_a_node_that_joins_mid_labeling(ray_cluster, tmp_path):
+    """num_actors=1, max_actors=2: the pool starts on the one teacher node; when a second one joins (what the
+    cluster autoscaler does for the pending actor), a second teacher lands there. Every row once."""
+    rows = 800  # enough work left, when the node joins, for a second engine to load and take some of it
+    corpus = write_corpus(tmp_path / "corpus.jsonl", rows, seed=71)
+    cfg = make_config(
+        corpus={"source": str(corpus), "rows_per_block": 16},
+        teacher={"resources": {"grow_node": 1}, "batch_size": 8, "num_cpus": 0.5, "num_actors": 1, "max_actors": 2},
+        store={"path": str(tmp_path / "store"), "rows_per_part": 8},
+    )
+    first = ray_cluster.start_node({"grow_node": 1})
+    result: dict = {}
+    labeling = threading.Thread(target=lambda: result.update(summary=run_labeling(cfg)), daemon=True)
+    labeling.start()
+    parts = Path(PseudoLabelStore(cfg).root) / "parts"
+    deadline = time.time() + 600
+    while len(list(parts.glob("part-*.parquet"))) < 2:
+        assert labeling.is_alive() and time.time() < deadline, "labeling ended or stalled before the node joined"
+        time.sleep(0.5)
+    assert teacher_nodes() >= {node_id_of(first)}
+    second = ray_cluster.start_node({"grow_node": 1})
+    parts_when_it_joined = len(list(parts.glob("part-*.parquet")))
+    labeling.join(timeout=900)
+    assert not labeling.is_alive(), "labeling did not finish"
+    assert parts_when_it_joined < rows / 8, "the node joined after labeling was over"
+    expected_nodes = {node_id_of(first), node_id_of(second)}
+    assert expected_nodes <= teacher_nodes(), (expected_nodes, teacher_nodes())
+    summary = result["summary"]
+    assert (summary.rows, summary.labeled, summary.rejected) == (rows, rows, 0)
+    sources = pq.read_table(summary.labels_path, columns=["source"])["source"].to_pylist()
+    assert sorted(sources) == sorted(f"{corpus}:{n}" for n in range(1, rows + 1))  # nothing lost, nothing twice
+    for port in (first, second):
+        os.kill(raylet_pid(port), signal.SIGKILL)

@@ -3,6 +3,8 @@
 import concurrent.futures
 import json
 import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -164,3 +166,57 @@ def test_bearer_token(server, exported_student, monkeypatch):
         assert requests.get(f"{base}/healthz", timeout=30).status_code == 200  # probes need no token
     finally:
         serve.delete("secured")
+
+
+def running_replicas(app_name: str) -> int:
+    from ray import serve
+
+    deployment = serve.status().applications[app_name].deployments["StudentClassifier"]
+    return sum(count for state, count in deployment.replica_states.items() if str(state).endswith("RUNNING"))
+
+
+def test_replicas_scale_up_under_load_and_down_when_idle(server, exported_student):
+    """Serve's autoscaler, driven by the config: 1 replica idle, 2 under load, back to 1 when the load stops."""
+    from ray import serve
+
+    from llkd_ray.serving import build_app
+
+    options = ServeConfig(
+        num_cpus=0.25,
+        min_replicas=1,
+        max_replicas=2,
+        target_ongoing_requests=1,
+        upscale_delay_s=1,
+        downscale_delay_s=2,
+        look_back_period_s=2,
+        batch_wait_timeout_s=0.05,
+    )
+    serve.run(build_app(str(exported_student), options), name="autoscaled", route_prefix="/autoscaled", blocking=False)
+    url = f"{serve_base_url()}/autoscaled/v1/classify"
+    stop = threading.Event()
+
+    def caller() -> None:  # bounded: stops on the event or after 3 minutes
+        deadline = time.time() + 180
+        while not stop.is_set() and time.time() < deadline:
+            requests.post(url, json={"texts": ["A film.", "Another film."]}, timeout=60)
+
+    try:
+        assert running_replicas("autoscaled") == 1
+        callers = [threading.Thread(target=caller, daemon=True) for _ in range(8)]
+        for thread in callers:
+            thread.start()
+        deadline = time.time() + 150
+        while running_replicas("autoscaled") < 2:
+            assert time.time() < deadline, "no second replica under load"
+            time.sleep(1)
+        stop.set()
+        for thread in callers:
+            thread.join(timeout=90)
+        deadline = time.time() + 150
+        while running_replicas("autoscaled") > 1:
+            assert time.time() < deadline, "the second replica stayed after the load stopped"
+            time.sleep(1)
+        assert requests.post(url, json={"texts": ["still here"]}, timeout=60).status_code == 200
+    finally:
+        stop.set()
+        serve.delete("autoscaled")
