@@ -78,7 +78,7 @@ def main() -> None:
         from llkd_ray.student import export_student, load_student
 
         network, tokenizer = load_student("minilm-l6", ["positive", "negative"])
-        student = str(export_student(network, tokenizer, tempfile.mkdtemp() + "/student", {"max_length": 64}))
+        student = str(export_student(network, tokenizer, tempfile.mkdtemp() + "/student", {}, max_length=64))
     texts = load_rotten_tomatoes(seed=5, limit=500)["text"].to_pylist()
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)

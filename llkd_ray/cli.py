@@ -119,7 +119,13 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
     if args.command == "check-config":
         import yaml
 
+        from llkd_ray.teacher import labeling_cost_note
+
         print(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        try:
+            print(f"llkd: {labeling_cost_note(cfg)}", file=sys.stderr)
+        except Exception as error:  # an unreachable hub id, say: the config itself is still valid
+            print(f"llkd: could not load the teacher's tokenizer to count label tokens: {error}", file=sys.stderr)
     elif args.command == "serve":
         from llkd_ray.serving import serve_command
 

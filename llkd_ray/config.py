@@ -222,6 +222,13 @@ class ServeConfig(_Section):
     num_gpus: float = Field(default=0.0, ge=0)
     max_texts: int = Field(default=256, gt=0)  # per request; more is a 413
     max_text_chars: int = Field(default=20000, gt=0)
+    # A body over this is refused with 413 before it is read whole (the default holds max_texts texts of
+    # max_text_chars characters, JSON-escaped).
+    max_body_bytes: int = Field(default=16 * 2**20, gt=0)
+    # Overload gets an answer instead of an unbounded queue: past max_queued_requests waiting at the handle
+    # Serve answers 503; a request still unanswered after request_timeout_s is cut off by the proxy.
+    max_queued_requests: int = Field(default=512, ge=-1)
+    request_timeout_s: float | None = Field(default=60.0, gt=0)
     overlong: Literal["truncate", "reject"] = "truncate"  # a text over max_text_chars: cut it, or answer 413
     token_env: str = "LLKD_SERVE_TOKEN"  # when this variable is set, requests need "Authorization: Bearer <it>"
     max_length: int | None = Field(default=None, gt=0)  # tokens per text; None: the student's training length

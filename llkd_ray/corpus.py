@@ -104,10 +104,10 @@ def parse_file(data: bytes, path: str, fmt: str, cfg: CorpusConfig) -> Iterator[
         return
     text = data.decode("utf-8", "surrogateescape")  # keep bad bytes so each row can be judged alone
     if fmt == "text":
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(_lines(text), start=1):
             yield make_row(line, None, None, f"{path}:{number}", False)
     elif fmt == "jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(_lines(text), start=1):
             if not line.strip():
                 continue  # blank separator lines are not records
             source = f"{path}:{number}"
@@ -118,16 +118,44 @@ def parse_file(data: bytes, path: str, fmt: str, cfg: CorpusConfig) -> Iterator[
             except ValueError as error:
                 yield _rejected(line, source, f"invalid JSON line: {error}")
                 continue
-            yield _record_row(record, source, cfg, has_id)
-    else:
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
-        _require_columns(reader.fieldnames or [], cfg, path)
-        for record in reader:
-            source = f"{path}:{reader.line_num}"
-            if None in record:  # more fields than the header
-                yield _rejected(str(record.get(cfg.text_column)), source, "malformed row: more fields than the header")
+            except RecursionError:
+                yield _rejected(line, source, "invalid JSON line: nested too deeply")
                 continue
             yield _record_row(record, source, cfg, has_id)
+    else:
+        yield from _csv_rows(text, path, fmt, cfg, has_id)
+
+
+def _lines(text: str) -> list[str]:
+    """Lines as JSONL and text files define them: split at newline only. ``str.splitlines`` also splits at
+    U+2028, U+2029 and U+0085, which a JSON string may hold as they are."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+CSV_FIELD_LIMIT = 16 * 2**20  # characters; Python's default (131,072) rejects long documents
+
+
+def _csv_rows(text: str, path: str, fmt: str, cfg: CorpusConfig, has_id: bool) -> Iterator[dict]:
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
+    _require_columns(reader.fieldnames or [], cfg, path)
+    while True:
+        last_line = reader.line_num
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:  # a field over the limit, say: this row is rejected, the reader goes on
+            yield _rejected("", f"{path}:{last_line + 1}", f"malformed row: {error}")
+            continue
+        source = f"{path}:{reader.line_num}"
+        if None in record:  # more fields than the header
+            yield _rejected(str(record.get(cfg.text_column)), source, "malformed row: more fields than the header")
+            continue
+        yield _record_row(record, source, cfg, has_id)
 
 
 def _record_row(record: dict, source: str, cfg: CorpusConfig, has_id: bool) -> dict:

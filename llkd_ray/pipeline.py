@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -21,6 +22,21 @@ import yaml
 from llkd_ray.config import Config
 
 logger = logging.getLogger(__name__)
+
+
+class StageClock:
+    """Wall time per stage of a run, for the report's breakdown."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 1)
 
 
 def run_pipeline(cfg: Config, label: bool = True) -> str:
@@ -40,6 +56,7 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
     from llkd_ray.training import split_pool_and_holdout, train_student
 
     started = time.time()
+    clock = StageClock()
     destination = RunDirectory(cfg.output.dir, cfg.output.name)
     run_dir = destination.local
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
@@ -47,12 +64,15 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
 
     if label:
         logger.info("stage 1/3: the teacher labels the corpus")
-        labeling = vars(run_labeling(cfg))
+        with clock.stage("labeling (Ray start, teacher load, scoring)"):
+            labeling = vars(run_labeling(cfg))
     else:
         labeling = stored_counts(cfg)  # fails with a clear message before any cluster starts
-        init_ray(cfg.ray)
-    labels = read_labels(cfg, ids=corpus_ids(cfg.corpus))  # the store may hold other corpora's rows too
-    pool, holdout = split_pool_and_holdout(labels, cfg)
+        with clock.stage("Ray start"):
+            init_ray(cfg.ray)
+    with clock.stage("reading the labels, pool and holdout"):
+        labels = read_labels(cfg, ids=corpus_ids(cfg.corpus))  # the store may hold other corpora's rows too
+        pool, holdout = split_pool_and_holdout(labels, cfg)
     logger.info(
         "stage 2/3: the student (%s) trains with %s selection on a pool of %d rows; %d gold-labelled rows held out",
         cfg.student.model,
@@ -60,19 +80,23 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
         pool.num_rows,
         holdout.num_rows,
     )
-    trained = train_student(cfg, pool, holdout, run_dir)
+    with clock.stage("training (workers, per-epoch scoring and selection, checkpoints, export)"):
+        trained = train_student(cfg, pool, holdout, run_dir)
     logger.info("stage 3/3: evaluation, plots and report")
-    evaluation = evaluate(trained.student_dir, holdout, names, cfg.student.max_length)
-    quality = teacher_confidence_quality(labels, names, cfg.teacher.calibrate)
-
-    pictures = [
-        plots.plot_selection(trained.history, names, run_dir / "selection.png"),
-        plots.plot_f1(trained.history, evaluation.get("teacher", {}).get("macro_f1"), run_dir / "f1.png"),
-    ]
-    if quality:
-        pictures.append(
-            plots.plot_teacher_confidence(quality["confidence"], quality["correct"], run_dir / "teacher_confidence.png")
-        )
+    with clock.stage("evaluation"):
+        evaluation = evaluate(trained.student_dir, holdout, names, cfg.student.max_length)
+        quality = teacher_confidence_quality(labels, names, cfg.teacher.calibrate)
+    with clock.stage("plots"):
+        pictures = [
+            plots.plot_selection(trained.history, names, run_dir / "selection.png"),
+            plots.plot_f1(trained.history, evaluation.get("teacher", {}).get("macro_f1"), run_dir / "f1.png"),
+        ]
+        if quality:
+            pictures.append(
+                plots.plot_teacher_confidence(
+                    quality["confidence"], quality["correct"], run_dir / "teacher_confidence.png"
+                )
+            )
     metrics = {
         "labeling": labeling,
         "pool_size": pool.num_rows,
@@ -82,6 +106,7 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
         "evaluation": evaluation,
         "history": trained.history,
         "checkpoint": trained.checkpoint_path,
+        "stage_seconds": clock.seconds,
         "seconds": round(time.time() - started, 1),
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -70,6 +70,24 @@ class Verbalizer:
         """Variants of several tokens, each scored as the sum of its tokens' conditional log-probs."""
         return [ids for _, ids in self.variants if len(ids) > 1]
 
+    @property
+    def engine_requests_per_text(self) -> int:
+        """What scoring one text costs the engine: one request per prefix in ``scoring_prefixes`` (the prompt
+        itself, then one a few tokens long per distinct start of a multi-token variant)."""
+        return len(scoring_prefixes(self.single_token_ids, self.multi_token_continuations))
+
+
+def scoring_prefixes(token_ids: list[int], continuations: list[tuple[int, ...]]) -> dict[tuple[int, ...], list[int]]:
+    """{prefix: the tokens scored right after prompt + prefix}. ``token_ids`` are scored after the prompt itself;
+    a continuation c contributes c_t after prefix c_<t, for every t: log p(c) = sum_t log p(c_t | prompt + c_<t)."""
+    wanted: dict[tuple[int, ...], list[int]] = {(): list(token_ids)}
+    for continuation in continuations:
+        for t, token in enumerate(continuation):
+            tokens = wanted.setdefault(tuple(continuation[:t]), [])
+            if token not in tokens:
+                tokens.append(token)
+    return wanted
+
 
 def build_verbalizer(task: TaskConfig, tokenizer) -> Verbalizer:
     """Tokenize each label variant as it would follow the answer prefix.

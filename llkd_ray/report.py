@@ -54,17 +54,29 @@ def write_report(run_dir: Path, cfg: Config, metrics: dict, pictures: list[Path]
         "",
         "## Per epoch",
         "",
-        "| epoch | selected | distinct used | loss | holdout macro-F1 |",
-        "|---|---|---|---|---|",
+        "| epoch | selected | distinct used | loss | holdout macro-F1 | scoring + selection s | training s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for h in metrics["history"]:
         f1 = h.get("eval_macro_f1")
         lines.append(
             f"| {h['epoch']} | {h['selected']} | {h['cumulative_used']} | {h['loss']:.4f} |"
-            f" {'' if f1 is None else f'{f1:.3f}'} |"
+            f" {'' if f1 is None else f'{f1:.3f}'} | {h['score_select_seconds']:.1f} | {h['train_seconds']:.1f} |"
         )
+    stages = metrics.get("stage_seconds", {})
+    if stages:
+        lines += ["", "## Where the time went", "", "| stage | seconds | share |", "|---|---|---|"]
+        lines += [
+            f"| {name} | {seconds:.1f} | {seconds / max(metrics['seconds'], 1e-9):.0%} |"
+            for name, seconds in stages.items()
+        ]
+        lines.append(f"| **the whole run** | {metrics['seconds']:.1f} | 100% |")
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pictures]
     lines += ["", "The exported student is in `student/` (`llkd serve " + str(run_dir) + "`)."]
+    logs = sorted(path.name for path in run_dir.glob("*.log"))
+    if logs:
+        links = ", ".join(f"[`{name}`]({name})" for name in logs)
+        lines.append(f"Everything Ray, vLLM and DeepSpeed printed is in {links}.")
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

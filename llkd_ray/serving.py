@@ -17,6 +17,8 @@ import hmac
 import json
 import logging
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,35 @@ class BadRequest(Exception):
         self.status, self.message = status, message
 
 
+@dataclass
+class ItemFailure:
+    """A text the model failed on (its neighbours in the batch were answered)."""
+
+    reason: str
+
+
+def _describe_failure() -> str:
+    error = sys.exc_info()[1]
+    return f"{type(error).__name__}: {error}"[:300]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 once it is over ``limit`` bytes: from Content-Length before anything
+    is read, else while it streams in (a chunked body has no length to trust)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest(400, "Content-Length is not a number")
+        if int(declared) > limit:
+            raise BadRequest(413, f"request body of {int(declared):,} bytes > {limit:,}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(413, f"request body over {limit:,} bytes")
+    return bytes(body)
+
+
 def resolve_student_dir(run_dir_or_model: str) -> str:
     """A run directory (its ``student/``) or an exported student directory, local or on a URI (``s3://...``):
     the absolute path or the URI of the student itself."""
@@ -68,6 +99,10 @@ def parse_texts(body: bytes, options: ServeConfig) -> tuple[list[str], list[int]
         raise BadRequest(400, f"request body is not valid UTF-8 (byte {error.start})") from None
     except json.JSONDecodeError as error:
         raise BadRequest(400, f"request body is not valid JSON: {error.msg} at position {error.pos}") from None
+    except RecursionError:  # [[[[... nested deeper than the parser's recursion limit
+        raise BadRequest(400, "request body is nested too deeply") from None
+    except ValueError as error:  # an integer of more than 4,300 digits, and the like
+        raise BadRequest(400, f"request body is not acceptable JSON: {error}") from None
     if not isinstance(payload, dict) or "texts" not in payload:
         raise BadRequest(400, 'expected a JSON object {"texts": ["...", ...]}')
     texts = payload["texts"]
@@ -83,6 +118,10 @@ def parse_texts(body: bytes, options: ServeConfig) -> tuple[list[str], list[int]
             raise BadRequest(400, f"texts[{position}] must be a string, not {type(text).__name__}")
         if not text.strip():
             raise BadRequest(400, f"texts[{position}] is empty")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # "\ud800" is valid JSON but no text: tokenizers raise on it
+            raise BadRequest(400, f"texts[{position}] is not valid Unicode (lone surrogate at {error.start})") from None
         if len(text) > options.max_text_chars:
             if options.overlong == "reject":
                 raise BadRequest(413, f"texts[{position}] has {len(text)} characters > {options.max_text_chars}")
@@ -139,9 +178,25 @@ class StudentClassifier:
             for row in probs
         ]
 
+    def _forward_isolated(self, texts: list[str]) -> list:
+        """A batch's predictions; if the batch fails, each text alone, so one bad text fails only its caller."""
+        try:
+            return self._forward(texts)
+        except Exception:
+            if len(texts) == 1:
+                return [ItemFailure(_describe_failure())]
+        results: list = []
+        for text in texts:
+            try:
+                results.extend(self._forward([text]))
+            except Exception:
+                results.append(ItemFailure(_describe_failure()))
+        return results
+
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)  # reset from config in __init__
-    async def _batched(self, texts: list[str]) -> list[dict]:
-        return self._forward(texts)
+    async def _batched(self, texts: list[str]) -> list:
+        # Off the event loop: the replica keeps accepting (and batching) requests while the forward runs.
+        return await asyncio.to_thread(self._forward_isolated, texts)
 
     # Reached through the instance: Serve ships the class to replicas, where module globals defined after it
     # were not visible (a NameError, answered as a 500).
@@ -161,8 +216,8 @@ class StudentClassifier:
     def metadata(self, request: Request) -> Any:
         if not self._authorized(request):
             return self._error(401, "missing or wrong bearer token")
-        return {
-            "model": self.student_dir,
+        return {  # no path or bucket URI: callers need not know where the weights live
+            "model": self.network.config.model_type,
             "labels": self.labels,
             "version": __version__,
             "training": self.metadata,
@@ -184,7 +239,7 @@ class StudentClassifier:
         if not self._authorized(request):
             return self._error(401, "missing or wrong bearer token")
         try:
-            texts, truncated = parse_texts(await request.body(), self.options)
+            texts, truncated = parse_texts(await read_body(request, self.options.max_body_bytes), self.options)
         except BadRequest as error:
             return self._error(error.status, error.message)
         self.stats["requests"] += 1
@@ -192,7 +247,11 @@ class StudentClassifier:
         if self.options.batching:
             predictions = await asyncio.gather(*(self._batched(text) for text in texts))
         else:
-            predictions = self._forward(texts)
+            predictions = await asyncio.to_thread(self._forward_isolated, texts)
+        failed = [(position, p) for position, p in enumerate(predictions) if isinstance(p, ItemFailure)]
+        if failed:
+            position, failure = failed[0]
+            return self._error(422, f"texts[{position}] could not be classified: {failure.reason}")
         return {"predictions": predictions, "truncated": truncated}
 
 
@@ -214,6 +273,7 @@ def build_app(student: str, options: ServeConfig):
             "look_back_period_s": options.look_back_period_s,
         },
         max_ongoing_requests=max(options.max_batch_size * 2, 8),
+        max_queued_requests=options.max_queued_requests,
     ).bind(student_dir, options.model_dump())
 
 
@@ -225,7 +285,9 @@ def app_builder(args: dict):
 
 
 def start_serving(student: str, options: ServeConfig, blocking: bool = True):
-    serve.start(http_options={"host": options.host, "port": options.port})
+    serve.start(
+        http_options={"host": options.host, "port": options.port, "request_timeout_s": options.request_timeout_s}
+    )
     return serve.run(build_app(student, options), name=APP_NAME, route_prefix="/", blocking=blocking)
 
 

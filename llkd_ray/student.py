@@ -33,13 +33,16 @@ def load_student(model: str, label_names: list[str], seed: int = 0):
     return network, AutoTokenizer.from_pretrained(path)
 
 
-def export_student(network, tokenizer, directory: Path, metadata: dict, state_dict=None) -> Path:
-    """Save weights, tokenizer and label map in HF format (``from_pretrained`` loads it), plus run metadata."""
+def export_student(network, tokenizer, directory: Path, metadata: dict, max_length: int, state_dict=None) -> Path:
+    """Save weights, tokenizer and label map in HF format (``from_pretrained`` loads it), plus run metadata.
+
+    ``max_length`` (tokens per text in training and evaluation) is recorded: a server that truncated elsewhere
+    would predict differently from the evaluation."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     network.save_pretrained(directory, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
-    (directory / STUDENT_METADATA).write_text(json.dumps(metadata, indent=2, default=str))
+    (directory / STUDENT_METADATA).write_text(json.dumps({**metadata, "max_length": max_length}, indent=2, default=str))
     return directory
 
 

@@ -68,8 +68,9 @@ class Teacher:
         truncated_texts, flags = zip(*(self.truncate(text) for text in texts)) if texts else ((), ())
         prompts = self.encode(list(truncated_texts))
         verbalizer = self.verbalizer
-        first = self.backend.next_token_logprobs(prompts, verbalizer.single_token_ids)
-        rest = self.backend.continuation_logprobs(prompts, verbalizer.multi_token_continuations)
+        first, rest = self.backend.label_logprobs(
+            prompts, verbalizer.single_token_ids, verbalizer.multi_token_continuations
+        )
         probs, mass = normalize_scores(label_log_scores(verbalizer, first, rest))
         return probs, mass, np.array(flags, dtype=bool)
 
@@ -118,3 +119,28 @@ class TeacherActor:
             row["label_mass"] = float(mass[i]) if ok else None
             row["truncated"] = bool(truncated[i])
         return pa.Table.from_pylist(rows, schema=SCORED_SCHEMA)
+
+
+def labeling_cost_note(cfg: Config) -> str:
+    """One line on what each text costs the teacher with these labels and this tokenizer (``llkd check-config``)."""
+    from transformers import AutoTokenizer
+
+    from llkd_ray.model_sources import resolve_model
+
+    verbalizer = build_verbalizer(cfg.task, AutoTokenizer.from_pretrained(resolve_model(cfg.teacher.model)))
+    requests = verbalizer.engine_requests_per_text
+    multi = len(verbalizer.multi_token_continuations)
+    note = (
+        f"teacher: {len(verbalizer.variants)} label variants, {multi} of them several tokens long; each text costs"
+        f" {requests} engine request(s): the prompt's prefill"
+        + (f", plus {requests - 1} of a few tokens each on top of the cached prompt" if requests > 1 else "")
+    )
+    if requests > MANY_REQUESTS:
+        note += (
+            f". Warning: {requests} requests per text slow labeling down; label names (or verbalizers) of one"
+            " token each cost one request"
+        )
+    return note
+
+
+MANY_REQUESTS = 8  # past this, the continuation requests cost more than the prompt's own prefill

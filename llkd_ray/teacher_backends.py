@@ -5,6 +5,7 @@ over the full vocabulary for just the tokens asked about:
 
     next_token_logprobs(prompts, token_ids)         -> [batch, len(token_ids)]
     continuation_logprobs(prompts, continuations)   -> [batch, len(continuations)], summed over each continuation
+    label_logprobs(prompts, token_ids, continuations) -> both at once (what the teacher calls)
 
 The device is configuration: the same classes run on CPU here and on GPUs in a cluster.
 """
@@ -24,6 +25,10 @@ class TeacherBackend(Protocol):
     def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> np.ndarray: ...
 
     def continuation_logprobs(self, prompts: list[list[int]], continuations: list[tuple[int, ...]]) -> np.ndarray: ...
+
+    def label_logprobs(
+        self, prompts: list[list[int]], token_ids: list[int], continuations: list[tuple[int, ...]]
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def has_cuda() -> bool:
@@ -79,33 +84,71 @@ class VLLMBackend:
         self.llm = LLM(**kwargs)
 
     def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> np.ndarray:
-        from vllm import SamplingParams
-
-        result = np.empty((len(prompts), len(token_ids)))
-        for start in range(0, len(token_ids), self.max_ids_per_request):
-            chunk = token_ids[start : start + self.max_ids_per_request]
-            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=chunk)
-            outputs = self.llm.generate(self._inputs(prompts), params, use_tqdm=False)
-            for row, output in enumerate(outputs):
-                logprobs = output.outputs[0].logprobs[0]
-                result[row, start : start + len(chunk)] = [logprobs[token].logprob for token in chunk]
-        return result
+        return self.label_logprobs(prompts, token_ids, [])[0]
 
     def continuation_logprobs(self, prompts: list[list[int]], continuations: list[tuple[int, ...]]) -> np.ndarray:
+        return self.label_logprobs(prompts, [], continuations)[1]
+
+    def label_logprobs(
+        self, prompts: list[list[int]], token_ids: list[int], continuations: list[tuple[int, ...]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Both kinds of label scores, with every request at one position: the end of the prompt plus the
+        continuation tokens before the one scored.
+
+        log p(c | prompt) = sum_t log p(c_t | prompt + c_<t): each term is a ``logprob_token_ids`` request on
+        ``prompt + c_<t``, and continuations sharing ``c_<t`` share the request. Unlike ``prompt_logprobs``, such a
+        request keeps vLLM's prefix cache (V1 skips it for prompt_logprobs) and computes one row of the
+        vocabulary head, so a continuation costs its own tokens plus the prompt's last partial block. Requests go
+        in rounds by depth, so the prompt a round extends is already cached, and in chunks of prompts whose KV
+        blocks fit the cache, so it is still there.
+        """
+        from llkd_ray.prompts import scoring_prefixes
+
+        wanted = scoring_prefixes(token_ids, continuations)
+        first = np.empty((len(prompts), len(token_ids)))
+        rest = np.zeros((len(prompts), len(continuations)))
+        # One round needs no chunks: nothing comes back for the cached prompts.
+        chunk = self._prompts_per_chunk(prompts) if continuations else max(len(prompts), 1)
+        for start in range(0, len(prompts), chunk):
+            part = prompts[start : start + chunk]
+            scored = self._score_prefixes(part, wanted)
+            for row in range(len(part)):
+                first[start + row] = [scored[row, ()][token] for token in token_ids]
+                for column, continuation in enumerate(continuations):
+                    rest[start + row, column] = sum(
+                        scored[row, tuple(continuation[:t])][token] for t, token in enumerate(continuation)
+                    )
+        return first, rest
+
+    def _score_prefixes(self, prompts: list[list[int]], wanted: dict) -> dict:
+        """{(row, prefix): {token: log p(token | prompt_row + prefix)}}, shallow prefixes first."""
         from vllm import SamplingParams
 
-        result = np.empty((len(prompts), len(continuations)))
-        if not continuations:
-            return result
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        sequences = [prompt + list(continuation) for prompt in prompts for continuation in continuations]
-        outputs = self.llm.generate(self._inputs(sequences), params, use_tqdm=False)
-        for index, output in enumerate(outputs):
-            row, column = divmod(index, len(continuations))
-            continuation = continuations[column]
-            scored = output.prompt_logprobs[-len(continuation) :]
-            result[row, column] = sum(position[token].logprob for position, token in zip(scored, continuation))
-        return result
+        scored: dict = {}
+        for depth in sorted({len(prefix) for prefix in wanted}):
+            requests = [
+                (row, prefix, tokens[i : i + self.max_ids_per_request])
+                for row in range(len(prompts))
+                for prefix, tokens in wanted.items()
+                if len(prefix) == depth and tokens
+                for i in range(0, len(tokens), self.max_ids_per_request)
+            ]
+            if not requests:
+                continue
+            params = [SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=ids) for _, _, ids in requests]
+            inputs = self._inputs([prompts[row] + list(prefix) for row, prefix, _ in requests])
+            for (row, prefix, ids), output in zip(requests, self.llm.generate(inputs, params, use_tqdm=False)):
+                logprobs = output.outputs[0].logprobs[0]
+                scored.setdefault((row, prefix), {}).update({token: logprobs[token].logprob for token in ids})
+        return scored
+
+    def _prompts_per_chunk(self, prompts: list[list[int]]) -> int:
+        """As many prompts as fill half the KV cache (the other half holds the continuation requests)."""
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        if not cache.num_gpu_blocks or not prompts:
+            return max(len(prompts), 1)
+        longest = max(len(prompt) for prompt in prompts) + cache.block_size
+        return max(1, cache.num_gpu_blocks * cache.block_size // (2 * longest))
 
     @staticmethod
     def _inputs(sequences: list[list[int]]):
@@ -142,6 +185,11 @@ class TransformersBackend:
             picked = logprobs[:, :-1, :].gather(2, targets.unsqueeze(-1)).squeeze(-1)
             result[:, column] = picked.sum(dim=1).numpy()
         return result
+
+    def label_logprobs(
+        self, prompts: list[list[int]], token_ids: list[int], continuations: list[tuple[int, ...]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self.next_token_logprobs(prompts, token_ids), self.continuation_logprobs(prompts, continuations)
 
     def _logprobs(self, sequences: list[list[int]], keep: int):
         torch = self.torch

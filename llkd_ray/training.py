@@ -402,6 +402,7 @@ def train_loop(loop_config: dict) -> None:
                         tokenizer,
                         Path(directory) / STUDENT_DIR,
                         {"labels": names, "epochs": epoch, "selection": cfg.selection.strategy},
+                        max_length=cfg.student.max_length,
                         state_dict=state_dict,
                     )
                 worker_console_line(epoch_line(metrics, cfg.training.epochs, pool_size))

@@ -56,6 +56,19 @@ def test_check_config_applies_overrides_from_anywhere(tmp_path, capsys):
     assert resolved["training"]["epochs"] == 3 and resolved["teacher"]["batch_size"] == 4
 
 
+def test_check_config_says_what_each_text_costs_the_teacher(capsys):
+    teacher = "teacher.model=smollm2-135m-instruct"
+    assert main(["check-config", teacher]) == 0
+    note = capsys.readouterr().err
+    assert "8 label variants, 0 of them several tokens long; each text costs 1 engine request" in note
+    assert "Warning" not in note
+    words = "task.labels=[{name: money-fx}, {name: acq}, {name: crude}, {name: earn}, {name: interest}]"
+    assert main(["check-config", teacher, words, "task.examples=[]"]) == 0
+    note = capsys.readouterr().err
+    assert "13 of them several tokens long; each text costs 18 engine request(s)" in note
+    assert "Warning: 18 requests per text" in note
+
+
 def test_version():
     result = subprocess.run([LLKD, "--version"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == f"llkd-ray {__version__}"
@@ -100,6 +113,9 @@ def test_llkd_run_prints_stages_a_progress_bar_and_one_line_per_epoch(ray_cluste
     # The chatter is in the log file, not on the terminal: vLLM's engine, Ray Data's executor, Ray Train's workers.
     for chatter in ("Initializing a V1 LLM engine", "Starting execution of Dataset", "RayTrainWorker"):
         assert chatter in log and chatter not in terminal, chatter
+    report = (tmp_path / "runs" / "console" / "report.md").read_text()
+    assert "## Where the time went" in report and "| labeling (Ray start, teacher load, scoring) |" in report
+    assert "[`run.log`](run.log)" in report
 
 
 @pytest.fixture()
@@ -107,7 +123,9 @@ def exported_student(tmp_path):
     from llkd_ray.student import export_student, load_student
 
     network, tokenizer = load_student("minilm-l6", ["positive", "negative"], seed=3)
-    return export_student(network, tokenizer, tmp_path / "run" / "student", {"labels": ["positive", "negative"]})
+    return export_student(
+        network, tokenizer, tmp_path / "run" / "student", {"labels": ["positive", "negative"]}, max_length=64
+    )
 
 
 @pytest.mark.slow

@@ -108,3 +108,39 @@ def test_gold_codes_are_mapped_to_label_names():
         gold_map={"1": "world", "2": "sports"},
     )
     assert [r["gold"] for r in rows] == ["sports", "9"]  # an unmapped code stays as it is (not evaluated)
+
+
+def test_a_jsonl_line_nested_too_deeply_is_rejected_and_the_rest_read():
+    deep = '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    data = "\n".join([json.dumps({"text": "before"}), deep, json.dumps({"text": "after"})]).encode()
+    rows = rows_of(data, "jsonl")
+    assert [row["reject_reason"] for row in rows] == [None, "invalid JSON line: nested too deeply", None]
+    assert [row["source"] for row in rows] == ["corpus.jsonl:1", "corpus.jsonl:2", "corpus.jsonl:3"]
+
+
+def test_line_and_paragraph_separators_inside_a_jsonl_string_keep_the_record_whole():
+    text = "first\u2028second\u2029third\x85fourth"
+    data = (json.dumps({"text": text}, ensure_ascii=False) + "\r\n" + json.dumps({"text": "next"}) + "\n").encode()
+    rows = rows_of(data, "jsonl")
+    assert [(row["text"], row["reject_reason"]) for row in rows] == [(text, None), ("next", None)]
+    plain = rows_of("one\u2028line\ntwo\n".encode(), "text")
+    assert [row["text"] for row in plain] == ["one\u2028line", "two"]
+
+
+def test_a_csv_field_over_the_limit_rejects_its_row_and_the_reader_goes_on(monkeypatch):
+    import llkd_ray.corpus as corpus
+
+    monkeypatch.setattr(corpus, "CSV_FIELD_LIMIT", 1000)
+    long_but_fine = "y" * 900  # the limit scaled down from 16 MiB to keep the test small
+    data = f'text,label\nshort,1\n"{"x" * 5000}",1\n{long_but_fine},0\nlast,1\n'.encode()
+    rows = rows_of(data, "csv")
+    too_long = "malformed row: field larger than field limit (1000)"
+    assert [row["reject_reason"] for row in rows] == [None, too_long, None, None]
+    assert [row["text"] for row in rows if row["reject_reason"] is None] == ["short", long_but_fine, "last"]
+    assert len({row["source"] for row in rows}) == 4
+
+
+def test_a_csv_field_longer_than_pythons_default_limit_is_read():
+    text = "z" * 200_000  # Python's csv refuses fields over 131,072 characters unless told otherwise
+    rows = rows_of(f'text\n"{text}"\n'.encode(), "csv")
+    assert rows[0]["reject_reason"] is None and rows[0]["text"] == text

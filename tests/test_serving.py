@@ -33,7 +33,8 @@ def exported_student(tmp_path_factory):
         network,
         tokenizer,
         tmp_path_factory.mktemp("student") / "student",
-        {"labels": ["positive", "negative", "neutral"], "max_length": 64},
+        {"labels": ["positive", "negative", "neutral"]},
+        max_length=64,
     )
 
 
@@ -59,6 +60,7 @@ def server(ray_cluster, exported_student):
         num_cpus=0.5,
         max_batch_size=16,
         batch_wait_timeout_s=0.2,
+        max_body_bytes=65536,
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})  # one HTTP proxy per cluster: started once
     # Served from the run directory's URI, as from s3://: the replica fetches the student through pyarrow.
@@ -88,12 +90,13 @@ def test_predictions_equal_offline_predictions(server, exported_student):
         assert prediction["confidence"] == pytest.approx(float(row.max()), abs=1e-5)
 
 
-def test_health_metadata_and_docs(server):
+def test_health_metadata_and_docs(server, exported_student):
     assert requests.get(f"{server}/healthz", timeout=30).json() == {"status": "ok"}
     metadata = requests.get(f"{server}/v1/metadata", timeout=30).json()
     assert metadata["labels"] == ["positive", "negative", "neutral"] and metadata["version"]
     assert metadata["training"]["max_length"] == 64
-    assert metadata["model"].startswith("file://") and metadata["model"].endswith("/student")
+    assert metadata["model"] == "bert" and metadata["max_length"] == 64
+    assert "file://" not in json.dumps(metadata) and str(exported_student) not in json.dumps(metadata)
     assert "/v1/classify" in requests.get(f"{server}/openapi.json", timeout=30).json()["paths"]
 
 
@@ -126,6 +129,10 @@ def test_concurrent_callers_are_batched_together(server):
         (json.dumps({"texts": ["ok", "  "]}).encode(), 400, "texts[1] is empty"),
         (json.dumps({"texts": ["t"] * 9}).encode(), 413, "too many texts: 9 > 8"),
         (json.dumps({"texts": ["x" * 201]}).encode(), 413, "texts[0] has 201 characters > 200"),
+        (b'{"texts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
+        (b'{"texts": [' + b"7" * 5_000 + b"]}", 400, "not acceptable JSON"),
+        (b'{"texts": ["ok", "\\ud800"]}', 400, "texts[1] is not valid Unicode (lone surrogate at 0)"),
+        (json.dumps({"texts": ["x"]}).encode() + b" " * 70_000, 413, "request body of 70,"),
     ],
 )
 def test_bad_input_gets_a_4xx_and_the_service_keeps_answering(server, body, status, message):
@@ -220,3 +227,42 @@ def test_replicas_scale_up_under_load_and_down_when_idle(server, exported_studen
     finally:
         stop.set()
         serve.delete("autoscaled")
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(server):
+    """No Content-Length to check first: the replica counts while the body streams in."""
+
+    def chunks():
+        for _ in range(40):
+            yield b" " * 4096  # 160 KiB of whitespace, over the 64 KiB limit
+
+    response = requests.post(
+        f"{server}/v1/classify", data=chunks(), headers={"Content-Type": "application/json"}, timeout=60
+    )
+    assert response.status_code == 413 and "request body over 65,536 bytes" in response.json()["error"]
+
+
+def test_one_bad_caller_among_concurrent_callers_costs_nobody_else(server):
+    bodies = [{"texts": [f"Review {i}."]} for i in range(15)] + [{"texts": ["\ud800"]}]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        statuses = list(
+            pool.map(lambda b: requests.post(f"{server}/v1/classify", json=b, timeout=60).status_code, bodies)
+        )
+    assert statuses == [200] * 15 + [400]
+
+
+def test_a_text_the_model_fails_on_fails_alone_in_its_batch():
+    """Fault injection: a forward that breaks on one text. Its batch is retried text by text."""
+    from llkd_ray.serving import ItemFailure, StudentClassifier
+
+    replica = object.__new__(StudentClassifier.func_or_class)  # the replica class, without loading a model
+
+    def forward(texts: list[str]) -> list[dict]:
+        if "boom" in texts:
+            raise RuntimeError("the model broke on this text")
+        return [{"label": text} for text in texts]
+
+    replica._forward = forward
+    results = replica._forward_isolated(["a", "boom", "b"])
+    assert results[0] == {"label": "a"} and results[2] == {"label": "b"}
+    assert isinstance(results[1], ItemFailure) and "RuntimeError: the model broke" in results[1].reason

@@ -29,6 +29,19 @@ def test_fingerprints_follow_model_prompt_labels_and_calibration():
     assert teacher_fingerprint(make_config(teacher={"batch_size": 3, "num_actors": 2})) == teacher_fingerprint(base)
 
 
+def test_new_weights_under_the_same_path_and_config_get_a_new_fingerprint(tmp_path):
+    """Weights retrained in place (same directory, same config.json, same size, other bytes) must not reuse the
+    labels of the old ones."""
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    weights = tmp_path / "model.safetensors"
+    cfg = make_config(teacher={"model": str(tmp_path)})
+    weights.write_bytes(b"\x01" * 3_000_000)
+    before = teacher_fingerprint(cfg)
+    assert teacher_fingerprint(cfg) == before  # stable while nothing changes
+    weights.write_bytes(b"\x02" * 3_000_000)
+    assert teacher_fingerprint(cfg) != before
+
+
 def scored(rows):
     full = [
         {"gold": None, "reject_reason": None, "probs_raw": None, "label_mass": None, "truncated": False} | row

@@ -1,6 +1,8 @@
 """The student stage on a real local Ray cluster: Ray Train with DDP and DeepSpeed, selection independent of the
 worker count, export, recovery from a killed worker, and a re-run that resumes."""
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +87,11 @@ def test_selection_is_the_same_with_one_and_two_workers(ray_cluster, tmp_path, p
         assert one.history[0][key] == two.history[0][key], key
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_deepspeed_trains_and_exports_a_loadable_student(ray_cluster, tmp_path, pool_and_holdout, stage):
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_deepspeed_trains_exports_the_trained_weights_and_resumes(ray_cluster, tmp_path, pool_and_holdout, stage):
+    from llkd_ray.evaluation import evaluate
+    from llkd_ray.student import load_student, predict_probs
+
     pool, holdout = pool_and_holdout
     cfg = config(tmp_path, f"zero{stage}", strategy="deepspeed", zero_stage=stage, num_workers=2)
     result = train_student(cfg, pool, holdout, tmp_path / "run")
@@ -94,6 +99,21 @@ def test_deepspeed_trains_and_exports_a_loadable_student(ray_cluster, tmp_path, 
     assert all(np.isfinite(h["loss"]) and 0 <= h["eval_macro_f1"] <= 1 for h in result.history)
     probs = load_and_predict(result.student_dir, ["A triumph.", "A bore."])
     assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    # The export says how many tokens it was trained on, so a server truncates where the evaluation did.
+    assert json.loads((result.student_dir / "llkd_student.json").read_text())["max_length"] == 48
+    # The export holds the trained weights (ZeRO-3 gathers them from the shards): it reproduces the last epoch's
+    # holdout score, and it is not the untrained network.
+    exported = evaluate(result.student_dir, holdout, NAMES, max_length=48)["student"]["macro_f1"]
+    assert exported == pytest.approx(result.history[-1]["eval_macro_f1"], abs=1e-9)
+    untrained, tokenizer = load_student("minilm-l6", NAMES, seed=cfg.training.seed)
+    texts = holdout["text"].to_pylist()
+    assert not np.allclose(
+        predict_probs(untrained, tokenizer, texts, 48), load_and_predict(result.student_dir, texts), atol=1e-3
+    )
+    # Re-run under the same name: DeepSpeed loads the final checkpoint (through the checkpoint check) and has
+    # nothing left to train.
+    again = train_student(cfg, pool, holdout, tmp_path / "run")
+    assert again.history == result.history and again.checkpoint_path == result.checkpoint_path
 
 
 def test_ddp_student_export_matches_its_checkpoint_and_resumes_when_rerun(ray_cluster, tmp_path, pool_and_holdout):
@@ -131,3 +151,32 @@ def test_length_grouped_batches_cover_each_selected_sample_once():
     # and the order is still random: the batch order is not sorted by length
     firsts = [lengths[batch[0]] for batch in batches]
     assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+
+
+class PlantedPayload:
+    """What an attacker with write access to the checkpoint storage would plant: unpickling runs a command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_with_a_planted_pickle_is_refused_and_never_run(tmp_path):
+    import torch
+
+    from llkd_ray.engines import UnsafeCheckpointError, check_checkpoint_files
+
+    marker = tmp_path / "code-ran"
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for directory in (good, bad):
+        (directory / "state").mkdir(parents=True)
+        torch.save({"model": {"w": torch.ones(2)}, "step": 3}, directory / "state" / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer": PlantedPayload(marker)}, bad / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    check_checkpoint_files(str(good))  # tensors and plain data load
+    with pytest.raises(UnsafeCheckpointError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt: refusing"):
+        check_checkpoint_files(str(bad))
+    assert not marker.exists()
+    torch.load(bad / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)  # what DeepSpeed does
+    assert marker.exists()  # so the payload was live: the check is what stopped it

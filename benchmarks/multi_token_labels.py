@@ -1,0 +1,169 @@
+"""Multi-token labels: an 8-label task whose label names are several tokens long, against the same task with
+one-token labels, on the same texts, engine and cores, in one run.
+
+The label names are a newswire user's (`money-fx`, `acq`, `crude`, ...: 10 multi-token variants with Gemma's
+tokenizer); the one-token task renames them (`money`, `business`, `oil`, ...). Both score the same AG News
+articles, truncated to 128 tokens, with Gemma-3-270m through vLLM: the Teacher the pipeline uses. Printed:
+- rows/s of each task and their ratio (the goal: multi-token ≥ 50% of one-token);
+- the same multi-token task scored the way labeling did before (`prompt_logprobs` on prompt + continuation,
+  which computes the vocabulary head at every position and skips vLLM's prefix cache), on fewer texts;
+- vLLM's own prefix-cache counters (queried and hit tokens) for each timed run;
+- how far the multi-token distributions are from the transformers backend (full forward passes, the reference).
+
+    python benchmarks/multi_token_labels.py                      # 256 articles, 32 for the old path
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MULTI = ["money-fx", "acq", "crude", "earn", "grain", "interest", "ship", "trade"]
+SINGLE = ["money", "business", "oil", "profit", "grain", "interest", "ship", "trade"]
+EXAMPLES = [  # label positions in MULTI / SINGLE
+    ("Central bank intervenes as the dollar slides against the yen.", 0),
+    ("Oil prices climb after the pipeline outage.", 2),
+    ("The company agreed to buy its rival for $2 billion.", 1),
+]
+
+
+def task(names: list[str]) -> dict:
+    return {
+        "instruction": "Classify the topic of each newswire article.",
+        "text_prefix": "Article: ",
+        "answer_prefix": "Topic:",
+        "labels": [{"name": name} for name in names],
+        "examples": [{"text": text, "label": names[index]} for text, index in EXAMPLES],
+    }
+
+
+def articles(count: int) -> list[str]:
+    with open(SHARED_DATA / "ag_news" / "test.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [f"{row['title']}. {row['description']}" for row in rows[:count]]
+
+
+def prefix_cache_counters(llm) -> tuple[float, float]:
+    """(queried tokens, hit tokens) from vLLM's own metrics."""
+    values = {metric.name: metric.value for metric in llm.get_metrics() if hasattr(metric, "value")}
+    return values.get("vllm:prefix_cache_queries", float("nan")), values.get("vllm:prefix_cache_hits", float("nan"))
+
+
+def old_continuation_logprobs(llm, prompts, continuations) -> np.ndarray:
+    """What labeling did before: one prompt_logprobs request per (text, continuation)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    result = np.empty((len(prompts), len(continuations)))
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    sequences = [TokensPrompt(prompt_token_ids=p + list(c)) for p in prompts for c in continuations]
+    for index, output in enumerate(llm.generate(sequences, params, use_tqdm=False)):
+        row, column = divmod(index, len(continuations))
+        continuation = continuations[column]
+        scored = output.prompt_logprobs[-len(continuation) :]
+        result[row, column] = sum(position[t].logprob for position, t in zip(scored, continuation, strict=True))
+    return result
+
+
+def timed(label: str, llm, run, texts: list[str]) -> tuple[float, np.ndarray]:
+    queried, hits = prefix_cache_counters(llm)
+    started = time.perf_counter()
+    probs = run(texts)
+    seconds = time.perf_counter() - started
+    queried_after, hits_after = prefix_cache_counters(llm)
+    rate = len(texts) / seconds
+    print(
+        f"{label:<44} {len(texts):>5} texts {seconds:>8.1f} s {rate:>7.2f} rows/s   prefix cache: "
+        f"{hits_after - hits:>9,.0f} of {queried_after - queried:>9,.0f} prompt tokens hit",
+        flush=True,
+    )
+    return rate, probs
+
+
+def main() -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--texts", type=int, default=256)
+    parser.add_argument("--old-texts", type=int, default=32)
+    parser.add_argument("--reference-texts", type=int, default=16)
+    args = parser.parse_args()
+
+    from llkd_ray.config import config_from_dict
+    from llkd_ray.label_scoring import label_log_scores, normalize_scores
+    from llkd_ray.model_sources import resolve_model
+    from llkd_ray.teacher import Teacher
+    from llkd_ray.teacher_backends import TransformersBackend, VLLMBackend
+
+    model_dir = resolve_model(args.model)
+    stats = {"engine_kwargs": {"disable_log_stats": False}}  # vLLM counts prefix-cache hits only with stats on
+    teacher_options = {"model": args.model, "max_text_tokens": 128, "vllm": stats}
+    configs = {
+        name: config_from_dict({"task": task(names), "teacher": teacher_options})
+        for name, names in (("multi", MULTI), ("single", SINGLE))
+    }
+    engine = VLLMBackend(model_dir, configs["multi"].teacher)
+    teachers = {name: Teacher(cfg.task, cfg.teacher, model_dir, backend=engine) for name, cfg in configs.items()}
+    for name, teacher in teachers.items():
+        verbalizer = teacher.verbalizer
+        print(
+            f"{name}-token task: {len(verbalizer.single_token_ids)} one-token variants, "
+            f"{len(verbalizer.multi_token_continuations)} multi-token variants"
+        )
+    assert not teachers["single"].verbalizer.multi_token_continuations, "the one-token task has a multi-token label"
+
+    everything = articles(args.texts + 32)
+    texts, warm_up = everything[: args.texts], everything[args.texts :]
+    for teacher in teachers.values():
+        teacher.score(warm_up)  # untimed; a timed text must not come whole from the prefix cache
+
+    def score(name: str):
+        return lambda batch: teachers[name].score(batch)[0]
+
+    single_rate, _ = timed("one-token labels", engine.llm, score("single"), texts)
+    multi_rate, multi_probs = timed("multi-token labels (logprob_token_ids rounds)", engine.llm, score("multi"), texts)
+
+    multi = teachers["multi"]
+
+    def old_path(batch: list[str]) -> np.ndarray:
+        prompts = multi.encode(batch)
+        verbalizer = multi.verbalizer
+        first = engine.next_token_logprobs(prompts, verbalizer.single_token_ids)
+        rest = old_continuation_logprobs(engine.llm, prompts, verbalizer.multi_token_continuations)
+        return normalize_scores(label_log_scores(verbalizer, first, rest))[0]
+
+    old_texts = texts[: args.old_texts]
+    old_rate, old_probs = timed("multi-token labels (prompt_logprobs, before)", engine.llm, old_path, old_texts)
+
+    reference_texts = texts[: args.reference_texts]
+    reference = Teacher(
+        configs["multi"].task,
+        configs["multi"].teacher,
+        model_dir,
+        backend=TransformersBackend(model_dir, configs["multi"].teacher),
+    )
+    reference_probs = reference.score(reference_texts)[0]
+
+    print()
+    print(f"multi-token / one-token rows/s: {multi_rate / single_rate:.2f}  (goal >= 0.50)")
+    print(f"multi-token now / before:       {multi_rate / old_rate:.1f}x")
+    old_gap = np.abs(multi_probs[: len(old_texts)] - old_probs).max()
+    print(f"max |p| difference, now vs before ({len(old_texts)} texts):        {old_gap:.2e}")
+    reference_gap = np.abs(multi_probs[: len(reference_texts)] - reference_probs).max()
+    print(
+        f"max |p| difference, now vs transformers ({len(reference_texts)} texts): {reference_gap:.2e}"
+        "  (backend-agreement tolerance 2e-3)"
+    )
+
+
+if __name__ == "__main__":
+    main()
