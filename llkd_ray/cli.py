@@ -13,6 +13,7 @@ import sys
 
 from llkd_ray import __version__
 from llkd_ray.config import ConfigError, load_config
+from llkd_ray.errors import UserError
 
 logger = logging.getLogger("llkd_ray")
 OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*=")
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     with console(log_file, verbose=args.verbose):
         try:
             return _dispatch(args, cfg)
-        except FileNotFoundError as error:  # a missing model, corpus, store or student: say which, no traceback
+        except (FileNotFoundError, PermissionError, UserError) as error:  # the user's to fix: say what, no traceback
             logger.error("%s", error)
             return 2
         except KeyboardInterrupt:

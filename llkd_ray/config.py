@@ -130,6 +130,10 @@ class TeacherConfig(_Section):
     batch_size: int = Field(default=256, gt=0)  # prompts per actor call: vLLM schedules a whole batch at once
     max_text_tokens: int = Field(default=256, gt=0)  # longer texts are truncated and flagged
     calibrate: bool = True  # divide by the corpus label prior, renormalise (no gold labels used)
+    # vLLM backend: a multi-token label variant is followed past a token only while its probability so far is
+    # at least this fraction of the label mass already scored; each one dropped moves a label probability by less
+    # than this (teacher_backends.prefixes_worth_following). 0 follows every variant to its end.
+    continuation_floor: float = Field(default=1e-5, ge=0, lt=1)
     vllm: VLLMOptions = VLLMOptions()
 
     @model_validator(mode="after")
@@ -160,9 +164,12 @@ class SelectionConfig(_Section):
     momentum: float = Field(default=0.5, ge=0, lt=1)  # λ of the threshold moving averages, per epoch
     warmup_epochs: int = Field(default=1, ge=0)  # epochs that use the teacher criterion only
     # The global statistic behind τ^T / τ^S: None is the mean (FreeMatch); a quantile in (0, 1) is a stricter or
-    # looser gate (0.7: about the 30% most confident teacher labels are eligible).
-    teacher_quantile: float | None = Field(default=None, gt=0, lt=1)
-    student_quantile: float | None = Field(default=None, gt=0, lt=1)
+    # looser gate. The defaults are the embedded default's (one source for every config: a cluster recipe inherits
+    # them unless it says otherwise). 0.7: about the 30% most confident teacher labels are eligible; 0.5: the
+    # median student entropy, since above-the-mean kept only a few dozen samples some epochs (the entropy of a
+    # trained student is very skewed).
+    teacher_quantile: float | None = Field(default=0.7, gt=0, lt=1)
+    student_quantile: float | None = Field(default=0.5, gt=0, lt=1)
     # Each class keeps its share of the loss among the teacher-confident samples (see selection.py).
     balance_classes: bool = True
     fraction: float = Field(default=0.3, gt=0, le=1)  # fixed_ratio: fraction of each class kept
@@ -183,9 +190,9 @@ class TrainingConfig(_Section):
     # CPU threads per worker; None: the node's cores shared among the workers on it (Ray would export
     # OMP_NUM_THREADS=cpus_per_worker, i.e. one thread for a fractional CPU).
     torch_threads: int | None = Field(default=None, gt=0)
-    epochs: int = Field(default=8, ge=1)
+    epochs: int = Field(default=6, ge=1)
     batch_size: int = Field(default=32, gt=0)  # per worker
-    learning_rate: float = Field(default=1e-4, gt=0)
+    learning_rate: float = Field(default=5e-5, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
     seed: int = 0
     storage_path: str = "runs/ray_results"  # Ray Train storage: local path or s3://, gs://, a shared mount
@@ -231,6 +238,9 @@ class ServeConfig(_Section):
     request_timeout_s: float | None = Field(default=60.0, gt=0)
     overlong: Literal["truncate", "reject"] = "truncate"  # a text over max_text_chars: cut it, or answer 413
     token_env: str = "LLKD_SERVE_TOKEN"  # when this variable is set, requests need "Authorization: Bearer <it>"
+    # Serving beyond loopback (serve.host, or a cluster's Serve config) without that token is refused unless this
+    # says so: an open endpoint should be a decision, not a default.
+    allow_unauthenticated: bool = False
     max_length: int | None = Field(default=None, gt=0)  # tokens per text; None: the student's training length
 
 

@@ -80,7 +80,8 @@ def console(log_file: Path | None, verbose: bool = False) -> Iterator[Path | Non
     os.close(log_fd)
     to_terminal = logging.StreamHandler(terminal)
     to_terminal.setFormatter(logging.Formatter(CONSOLE_TAG + "%(message)s"))
-    to_file = logging.StreamHandler(sys.stderr)  # fd 2 is the log file now
+    log_stream = os.fdopen(os.dup(2), "w", buffering=1)  # the log file, whatever sys.stderr has become
+    to_file = logging.StreamHandler(log_stream)
     to_file.setFormatter(logging.Formatter(FILE_FORMAT))
     logger.addHandler(to_terminal)
     root.addHandler(to_file)
@@ -93,6 +94,7 @@ def console(log_file: Path | None, verbose: bool = False) -> Iterator[Path | Non
     try:
         yield log_file
     finally:
+        _disconnect_ray()  # Ray's own exit messages (a local cluster stopping) belong in the log, not the terminal
         if dispatcher is not None:
             dispatcher.remove_handler("llkd_console")
         _terminal = None
@@ -106,6 +108,13 @@ def console(log_file: Path | None, verbose: bool = False) -> Iterator[Path | Non
         for fd in (saved_out, saved_err):
             os.close(fd)
         terminal.close()
+        log_stream.close()
+
+
+def _disconnect_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def _ray_worker_dispatcher():

@@ -57,6 +57,11 @@ def run_labeling(cfg: Config) -> StoreSummary:
     """Label every corpus row the store does not hold yet, then consolidate the store."""
     init_ray(cfg.ray)
     store = PseudoLabelStore(cfg)
+    with store.writer():  # a second `llkd label` on this store is refused before it labels anything
+        return _label_missing_rows(cfg, store)
+
+
+def _label_missing_rows(cfg: Config, store: PseudoLabelStore) -> StoreSummary:
     stored = store.stored_sources()
     ds = read_corpus(cfg.corpus)
     if stored:

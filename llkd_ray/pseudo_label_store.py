@@ -10,15 +10,24 @@ Layout under ``store.path``::
         manifest.json               what made this store, the label prior and the row accounting
 
 Resume: each corpus row has a unique ``source`` (file:line); a re-run skips every source already committed,
-so a crash or Ctrl-C loses at most the parts in flight and never duplicates a row. A part file that a crash
-left unreadable is deleted on open and its rows are labeled again.
+so a crash or Ctrl-C loses at most the parts in flight and never duplicates a row. Every file is written to a
+staging name and renamed into place, so a reader never sees half of one. A part that is provably corrupt (not
+Parquet) is moved to ``corrupt/`` and its rows are labeled again; any other read error is raised, never taken
+as a reason to delete.
+
+One writer at a time (``PseudoLabelStore.writer``): a lock file on local and mounted filesystems; on object
+stores, which have no locks, a lease file refreshed at every commit, which a second writer refuses to take over
+while it is fresh. The lease narrows the window two writers could race in; it does not close it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -31,10 +40,17 @@ import pyarrow.parquet as pq
 
 from llkd_ray import storage
 from llkd_ray.config import Config
+from llkd_ray.errors import UserError
 from llkd_ray.label_scoring import calibrate, label_prior, pick_labels
 from llkd_ray.model_sources import model_identity
 
 logger = logging.getLogger(__name__)
+WRITER_FILE = "writer.json"
+LEASE_SECONDS = 600  # an object-store lease not refreshed for this long belongs to a writer that died
+
+
+class StoreBusyError(UserError):
+    """Another process is writing to this store."""
 
 
 LABELS_SCHEMA = pa.schema(
@@ -60,7 +76,9 @@ def _digest(payload: dict) -> str:
 
 
 def teacher_fingerprint(cfg: Config) -> str:
-    """Identifies what the teacher's raw scores depend on: the weights, the prompt and the labels."""
+    """Identifies what the teacher's raw scores depend on: the weights, the prompt and the labels. Not how they
+    are computed: the backends agree within 2e-3, and teacher.continuation_floor moves a probability by less than
+    itself per variant dropped."""
     return _digest(
         {
             "model": model_identity(cfg.teacher.model),
@@ -102,6 +120,7 @@ class PseudoLabelStore:
         self.fs, root = storage.resolve(cfg.store.path)
         self.root = f"{root.rstrip('/')}/teacher-{teacher_fingerprint(cfg)}"
         self.display_root = cfg.store.path.rstrip("/") + f"/teacher-{teacher_fingerprint(cfg)}"
+        self._lease: dict | None = None  # held while this object writes to an object store
         for sub in ("parts", "rejects"):
             self.fs.create_dir(f"{self.root}/{sub}", recursive=True)
 
@@ -110,15 +129,77 @@ class PseudoLabelStore:
         return f"{self.display_root}/labels.parquet"
 
     # ---- streaming writes -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def writer(self):
+        """Hold the store for one writer (``llkd label``): a second one gets StoreBusyError, with who holds it."""
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            from filelock import FileLock, Timeout
+
+            lock = FileLock(f"{self.root}/writer.lock")
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise self._busy(self._read_writer()) from None
+            try:
+                self._write_writer(me)
+                yield
+            finally:
+                self.fs.delete_file(f"{self.root}/{WRITER_FILE}")
+                lock.release()
+            return
+        holder = self._read_writer()
+        if holder and time.time() - holder.get("refreshed", 0) < LEASE_SECONDS:
+            raise self._busy(holder)
+        self._lease = {**me, "token": uuid.uuid4().hex}
+        self._refresh_lease()
+        time.sleep(1)  # a writer that raced for the lease has written by now: whoever reads back another loses
+        if (self._read_writer() or {}).get("token") != self._lease["token"]:
+            raise self._busy(self._read_writer())
+        try:
+            yield
+        finally:
+            self.fs.delete_file(f"{self.root}/{WRITER_FILE}")
+            self._lease = None
+
+    def _refresh_lease(self) -> None:
+        if self._lease is not None:
+            self._write_writer({**self._lease, "refreshed": time.time()})
+
+    def _read_writer(self) -> dict | None:
+        try:
+            with self.fs.open_input_stream(f"{self.root}/{WRITER_FILE}") as stream:
+                return json.loads(stream.read())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _write_writer(self, record: dict) -> None:
+        self._write_bytes(json.dumps(record).encode(), f"{self.root}/{WRITER_FILE}")
+
+    def _busy(self, holder: dict | None) -> StoreBusyError:
+        who = "another process"
+        if holder:
+            since = time.strftime("%H:%M:%S", time.localtime(holder["since"]))
+            who = f"pid {holder['pid']} on {holder['host']}, since {since}"
+        return StoreBusyError(
+            f"{self.display_root} is being written by {who}: wait for that `llkd label` to finish (or stop it),"
+            " then run again; nothing was written"
+        )
+
     def stored_sources(self) -> set[str]:
-        """Sources already committed (labeled or rejected); drops part files a crash left half-written."""
+        """Sources already committed (labeled or rejected). A part that is not Parquet (which atomic writes
+        should rule out) is moved to corrupt/ and its rows labeled again; a read error is raised, not guessed at."""
         sources: set[str] = set()
         for path in self._part_files("parts") + self._part_files("rejects"):
             try:
                 sources.update(pq.read_table(path, columns=["source"], filesystem=self.fs)["source"].to_pylist())
-            except (pa.ArrowInvalid, OSError):
-                logger.warning("removing unreadable part %s (interrupted write); its rows will be labeled again", path)
-                self.fs.delete_file(path)
+            except pa.ArrowInvalid as error:
+                aside = f"{self.root}/corrupt/{path.rsplit('/', 1)[1]}"
+                logger.warning(
+                    "%s is not readable Parquet (%s): moved to %s; its rows will be labeled again", path, error, aside
+                )
+                self.fs.create_dir(f"{self.root}/corrupt", recursive=True)
+                self.fs.move(path, aside)
         return sources
 
     def commit(self, scored: pa.Table) -> tuple[int, int]:
@@ -129,12 +210,19 @@ class PseudoLabelStore:
         for sub, table in (("parts", labeled), ("rejects", rejected)):
             if table.num_rows:
                 self._write_atomically(table, f"{self.root}/{sub}/part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet")
+        self._refresh_lease()
         return labeled.num_rows, rejected.num_rows
 
     def _write_atomically(self, table: pa.Table, path: str) -> None:
-        staging = path.rsplit("/", 1)[0] + "/.tmp-" + path.rsplit("/", 1)[1]
+        staging = _staging_name(path)
         pq.write_table(table, staging, filesystem=self.fs)
-        self.fs.move(staging, path)  # a reader never sees half a part
+        self.fs.move(staging, path)  # a reader never sees half a file
+
+    def _write_bytes(self, data: bytes, path: str) -> None:
+        staging = _staging_name(path)
+        with self.fs.open_output_stream(staging) as stream:
+            stream.write(data)
+        self.fs.move(staging, path)
 
     def _part_files(self, sub: str) -> list[str]:
         selector = pafs.FileSelector(f"{self.root}/{sub}", allow_not_found=True)
@@ -162,8 +250,8 @@ class PseudoLabelStore:
         reject_tables = [t for t in (rejects, duplicates) if t is not None and t.num_rows]
         all_rejects = pa.concat_tables(reject_tables) if reject_tables else _empty_rejects()
         labels, prior = self._label_table(parts.take(keep) if parts is not None else None, label_names)
-        pq.write_table(labels, f"{self.root}/labels.parquet", filesystem=self.fs)
-        pq.write_table(all_rejects, f"{self.root}/rejects.parquet", filesystem=self.fs)
+        self._write_atomically(labels, f"{self.root}/labels.parquet")
+        self._write_atomically(all_rejects, f"{self.root}/rejects.parquet")
         summary = StoreSummary(
             labels_path=self.labels_path,
             rows=labels.num_rows + all_rejects.num_rows,
@@ -233,8 +321,12 @@ class PseudoLabelStore:
             "counts": asdict(summary),
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        with self.fs.open_output_stream(f"{self.root}/manifest.json") as stream:
-            stream.write(json.dumps(manifest, indent=2).encode())
+        self._write_bytes(json.dumps(manifest, indent=2).encode(), f"{self.root}/manifest.json")
+
+
+def _staging_name(path: str) -> str:
+    folder, name = path.rsplit("/", 1)
+    return f"{folder}/.tmp-{uuid.uuid4().hex[:8]}-{name}"
 
 
 def _empty_rejects() -> pa.Table:

@@ -59,6 +59,12 @@ class ItemFailure:
     reason: str
 
 
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def _describe_failure() -> str:
     error = sys.exc_info()[1]
     return f"{type(error).__name__}: {error}"[:300]
@@ -223,7 +229,7 @@ class StudentClassifier:
             "training": self.metadata,
             "batching": self.options.batching,
             "max_length": self.max_length,
-            "stats": self.stats,
+            "stats": {**self.stats, "peak_rss_mb": round(_peak_rss_mb(), 1)},
         }
 
     @app.post(
@@ -278,10 +284,26 @@ def build_app(student: str, options: ServeConfig):
 
 
 def app_builder(args: dict):
-    """Entry point for ``serve run`` / ``serve deploy`` configs: args are ``student`` plus ServeConfig fields."""
+    """Entry point for ``serve run`` / ``serve deploy`` configs: args are ``student`` plus ServeConfig fields.
+    Such a config serves a cluster, reachable beyond loopback: it needs the token (or says it does not)."""
     args = dict(args)
     student = args.pop("student")
-    return build_app(student, ServeConfig.model_validate(args))
+    options = ServeConfig.model_validate(args)
+    require_a_token_when_exposed(options, "a cluster's Serve config")
+    return build_app(student, options)
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def require_a_token_when_exposed(options: ServeConfig, where: str) -> None:
+    if os.environ.get(options.token_env) or options.allow_unauthenticated:
+        return
+    raise PermissionError(
+        f"refusing to serve {where} without a token: set {options.token_env} where the app is started (callers then"
+        " send 'Authorization: Bearer <token>'), or set serve.allow_unauthenticated=true to serve it open on purpose"
+    )
 
 
 def start_serving(student: str, options: ServeConfig, blocking: bool = True):
@@ -306,6 +328,8 @@ def serve_command(student: str | None, cfg: Config, detach: bool = False, stop: 
     if stop:
         return _stop_detached(cfg)
     resolve_student_dir(student)  # a wrong path fails here, before any cluster starts
+    if not is_loopback(cfg.serve.host):
+        require_a_token_when_exposed(cfg.serve, f"on {cfg.serve.host}")
     if detach:
         address = _cluster_address(cfg)
         if address is None:

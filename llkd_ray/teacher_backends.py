@@ -44,6 +44,44 @@ def resolve_dtype(dtype: str) -> str:
     return "bfloat16" if has_cuda() else "float32"
 
 
+def cores_per_rank(ranks: int) -> str:
+    """This process's cores split into ``ranks`` contiguous groups, as VLLM_CPU_OMP_THREADS_BIND takes them
+    ("0-3|4-7")."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        raise ValueError(f"tensor_parallel_size={ranks} needs at least {ranks} cores; this process has {len(cores)}")
+    groups = np.array_split(np.array(cores), ranks)
+    return "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else f"{g[0]}" for g in groups)
+
+
+def prefix_logprob(scored: dict, prefix: tuple[int, ...]) -> float:
+    """log p(prefix | prompt) from one prompt's scores ({prefix: {token: logprob}}); -inf where a shorter prefix
+    was not followed."""
+    total = 0.0
+    for t, token in enumerate(prefix):
+        total += scored.get(tuple(prefix[:t]), {}).get(token, -np.inf)
+    return total
+
+
+def prefixes_worth_following(prefixes: list, scored: dict, token_ids: list[int], continuations: list, floor: float):
+    """The prefixes (all of one depth d) whose probability so far is at least ``floor`` times the label mass
+    already scored exactly: the one-token variants, and the continuations no longer than d.
+
+    A variant's probability never exceeds its prefix's, so each variant dropped lowers the label mass by less
+    than ``floor`` times the total and moves any label's probability by less than ``floor``. Variants the model
+    would not write (a missing leading space, an odd casing) are typically dropped after their first token.
+    """
+    if floor <= 0:
+        return list(prefixes)
+    depth = len(prefixes[0]) if prefixes else 0
+    exact = [scored[()][token] for token in token_ids]
+    exact += [prefix_logprob(scored, c) for c in continuations if len(c) <= depth]
+    if not exact or not np.isfinite(max(exact)):
+        return list(prefixes)
+    bar = np.log(floor) + np.logaddexp.reduce(exact)
+    return [prefix for prefix in prefixes if prefix_logprob(scored, prefix) >= bar]
+
+
 def make_backend(model_dir: Path, cfg: TeacherConfig) -> TeacherBackend:
     if cfg.backend == "vllm":
         return VLLMBackend(model_dir, cfg)
@@ -62,7 +100,14 @@ class VLLMBackend:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kvcache_space_gib))
         # In-process engine: starts in ~3 s instead of ~30 s and lives inside the Ray actor that owns it.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if options.tensor_parallel_size > 1 and not has_cuda():
+            # vllm-cpu pins each tensor-parallel rank to cores of its own and, on one NUMA node, must be told which.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cores_per_rank(options.tensor_parallel_size))
+        import vllm.envs
         from vllm import LLM
+
+        # An engine started earlier in this process froze vLLM's view of the environment: read it afresh.
+        vllm.envs.disable_envs_cache()
 
         kwargs = dict(
             model=str(model_dir),
@@ -82,6 +127,7 @@ class VLLMBackend:
             kwargs["block_size"] = 32
         kwargs.update(options.engine_kwargs)
         self.llm = LLM(**kwargs)
+        self.floor = cfg.continuation_floor
 
     def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> np.ndarray:
         return self.label_logprobs(prompts, token_ids, [])[0]
@@ -100,7 +146,8 @@ class VLLMBackend:
         request keeps vLLM's prefix cache (V1 skips it for prompt_logprobs) and computes one row of the
         vocabulary head, so a continuation costs its own tokens plus the prompt's last partial block. Requests go
         in rounds by depth, so the prompt a round extends is already cached, and in chunks of prompts whose KV
-        blocks fit the cache, so it is still there.
+        blocks fit the cache, so it is still there. A prefix too unlikely to matter is not followed
+        (``prefixes_worth_following``): its variants score -inf.
         """
         from llkd_ray.prompts import scoring_prefixes
 
@@ -111,27 +158,28 @@ class VLLMBackend:
         chunk = self._prompts_per_chunk(prompts) if continuations else max(len(prompts), 1)
         for start in range(0, len(prompts), chunk):
             part = prompts[start : start + chunk]
-            scored = self._score_prefixes(part, wanted)
-            for row in range(len(part)):
-                first[start + row] = [scored[row, ()][token] for token in token_ids]
-                for column, continuation in enumerate(continuations):
-                    rest[start + row, column] = sum(
-                        scored[row, tuple(continuation[:t])][token] for t, token in enumerate(continuation)
-                    )
+            scored = self._score_prefixes(part, wanted, token_ids, continuations)
+            for row, row_scores in enumerate(scored):
+                first[start + row] = [row_scores[()][token] for token in token_ids]
+                rest[start + row] = [prefix_logprob(row_scores, continuation) for continuation in continuations]
         return first, rest
 
-    def _score_prefixes(self, prompts: list[list[int]], wanted: dict) -> dict:
-        """{(row, prefix): {token: log p(token | prompt_row + prefix)}}, shallow prefixes first."""
+    def _score_prefixes(self, prompts: list[list[int]], wanted: dict, token_ids, continuations) -> list[dict]:
+        """Per prompt, {prefix: {token: log p(token | prompt + prefix)}}, shallow prefixes first."""
         from vllm import SamplingParams
 
-        scored: dict = {}
+        scored: list[dict] = [{} for _ in prompts]
         for depth in sorted({len(prefix) for prefix in wanted}):
+            at_depth = [prefix for prefix in wanted if len(prefix) == depth and wanted[prefix]]
             requests = [
-                (row, prefix, tokens[i : i + self.max_ids_per_request])
+                (row, prefix, wanted[prefix][i : i + self.max_ids_per_request])
                 for row in range(len(prompts))
-                for prefix, tokens in wanted.items()
-                if len(prefix) == depth and tokens
-                for i in range(0, len(tokens), self.max_ids_per_request)
+                for prefix in (
+                    prefixes_worth_following(at_depth, scored[row], token_ids, continuations, self.floor)
+                    if depth
+                    else at_depth
+                )
+                for i in range(0, len(wanted[prefix]), self.max_ids_per_request)
             ]
             if not requests:
                 continue
@@ -139,7 +187,7 @@ class VLLMBackend:
             inputs = self._inputs([prompts[row] + list(prefix) for row, prefix, _ in requests])
             for (row, prefix, ids), output in zip(requests, self.llm.generate(inputs, params, use_tqdm=False)):
                 logprobs = output.outputs[0].logprobs[0]
-                scored.setdefault((row, prefix), {}).update({token: logprobs[token].logprob for token in ids})
+                scored[row].setdefault(prefix, {}).update({token: logprobs[token].logprob for token in ids})
         return scored
 
     def _prompts_per_chunk(self, prompts: list[list[int]]) -> int:

@@ -381,6 +381,7 @@ def train_loop(loop_config: dict) -> None:
             score_select_seconds=round(scored_at - started, 3),
             train_seconds=round(train_seconds, 3),
             epoch_seconds=round(time.time() - started, 3),
+            finished_at=time.time(),  # wall clock: a resumed epoch keeps the time it really finished
         )
         history.append(metrics)
 

@@ -32,6 +32,17 @@ SENTIMENT_TASK = {
 }
 
 
+# A test that uses one of these starts a Ray cluster or loads a real LLM: it is in the slow tier, whatever its
+# file says. `pytest -m "not slow"` is the fast tier (pure logic, config, readers, metrics: about a minute).
+SLOW_FIXTURES = {"ray_cluster", "smollm2_dir", "smollm2_tokenizer"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def make_config(**sections):
     """A config on the small SmolLM2 teacher; ``sections`` replace or extend the defaults per section."""
     data = {

@@ -56,6 +56,7 @@ def test_check_config_applies_overrides_from_anywhere(tmp_path, capsys):
     assert resolved["training"]["epochs"] == 3 and resolved["teacher"]["batch_size"] == 4
 
 
+@pytest.mark.slow  # loads the SmolLM2 tokenizer (a GGUF conversion on a fresh machine)
 def test_check_config_says_what_each_text_costs_the_teacher(capsys):
     teacher = "teacher.model=smollm2-135m-instruct"
     assert main(["check-config", teacher]) == 0
@@ -162,3 +163,42 @@ def test_serve_detach_outlives_the_command_on_a_cluster_it_starts_and_stop_ends_
     while subprocess.run(["pgrep", "-f", f"gcs_server.*--gcs_server_port={gcs_port}"]).returncode == 0:
         assert time.time() < deadline, "the detached cluster's GCS is still running"
         time.sleep(1)
+
+
+def test_serving_beyond_loopback_without_a_token_is_refused(exported_student, tmp_path, monkeypatch, capfd):
+    from llkd_ray.serving import app_builder
+
+    monkeypatch.delenv("LLKD_SERVE_TOKEN", raising=False)
+    run_dir = str(exported_student.parent)
+    assert main(["serve", run_dir, "serve.host=0.0.0.0", f"output.dir={tmp_path}"]) == 2  # before any cluster
+    assert "refusing to serve on 0.0.0.0 without a token: set LLKD_SERVE_TOKEN" in capfd.readouterr().err
+    with pytest.raises(PermissionError, match="a cluster's Serve config"):
+        app_builder({"student": run_dir})  # what `serve deploy cluster/serve_config.yaml` calls
+    assert app_builder({"student": run_dir, "allow_unauthenticated": True}) is not None  # open on purpose
+    monkeypatch.setenv("LLKD_SERVE_TOKEN", "s3cret")
+    assert app_builder({"student": run_dir}) is not None
+
+
+def test_the_quiet_console_sends_chatter_to_the_log_file_and_verbose_keeps_it(tmp_path, capfd):
+    import logging
+
+    from llkd_ray.console import console
+
+    log_file = tmp_path / "run.log"
+    with console(log_file):
+        os.write(2, b"C++ chatter on fd 2\n")  # as Ray's and vLLM's native code write it
+        os.write(1, b"chatter on fd 1\n")
+        logging.getLogger("vllm").warning("a library's warning")
+        logging.getLogger("llkd_ray.pipeline").info("stage 1/3: a line for the person")
+    terminal = capfd.readouterr()
+    shown = terminal.out + terminal.err
+    assert "[llkd] stage 1/3: a line for the person" in shown
+    for chatter in ("C++ chatter on fd 2", "chatter on fd 1", "a library's warning"):
+        assert chatter not in shown and chatter in log_file.read_text(), chatter
+    assert "stage 1/3: a line for the person" in log_file.read_text()  # the file has the whole story
+
+    with console(tmp_path / "verbose.log", verbose=True):
+        os.write(2, b"C++ chatter, verbose\n")
+        logging.getLogger("llkd_ray.pipeline").info("stage 2/3")
+    shown = "".join(capfd.readouterr())
+    assert "C++ chatter, verbose" in shown and "[llkd] stage 2/3" in shown

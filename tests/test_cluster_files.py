@@ -146,3 +146,40 @@ def test_tensor_parallel_teacher_reserves_every_gpu_of_its_engine():
     assert placement["memory"] == 256 * 2**30
     smaller = load_config(CLUSTER / "configs" / "gpu-70b.yaml", ["teacher.vllm.tensor_parallel_size=4"])
     assert teacher_placement(smaller)["num_gpus"] == 4
+
+
+def launcher_auth_problems(config: dict) -> list[str]:
+    """What leaves a `ray up` cluster open to whoever reaches its ports: a node started without token auth,
+    or no token file shipped to the nodes."""
+    problems = []
+    container_env = " ".join(config.get("docker", {}).get("run_options", []))
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for command in config.get(key, []):
+            if "ray start" in command and "RAY_AUTH_MODE=token" not in command + container_env:
+                problems.append(f"{key}: {command!r} starts Ray without RAY_AUTH_MODE=token")
+    if not any(target.endswith("auth_token") for target in config.get("file_mounts", {})):
+        problems.append("file_mounts: no auth token is copied to the nodes")
+    return problems
+
+
+@pytest.mark.parametrize("name", LAUNCHER_FILES)
+def test_launcher_clusters_require_a_token(name):
+    assert launcher_auth_problems(load(name)) == []
+
+
+def test_a_launcher_cluster_without_auth_fails_the_check():
+    open_cluster = load("aws.yaml")
+    open_cluster["docker"]["run_options"] = ["--shm-size=16g"]
+    open_cluster["head_start_ray_commands"] = ["ray stop", "ray start --head --dashboard-host=0.0.0.0"]
+    del open_cluster["file_mounts"]
+    problems = launcher_auth_problems(open_cluster)
+    assert any("head_start_ray_commands" in p for p in problems) and any("file_mounts" in p for p in problems)
+    assert not any("worker_start_ray_commands" in p for p in problems)  # those still set it on the command line
+
+
+KUBERAY_CLUSTERS = [("rayjob.yaml", "rayClusterSpec"), ("rayservice.yaml", "rayClusterConfig")]
+
+
+@pytest.mark.parametrize("manifest, cluster_key", KUBERAY_CLUSTERS)
+def test_kuberay_clusters_require_a_token(manifest, cluster_key):
+    assert load(f"kuberay/{manifest}")["spec"][cluster_key]["authOptions"] == {"mode": "token"}

@@ -85,3 +85,27 @@ def test_cli_reports_config_errors_before_starting_ray(tmp_path):
 def test_cli_names_a_missing_store(tmp_path, capfd):
     assert main(["train", f"store.path={tmp_path}/empty", f"output.dir={tmp_path}/runs"]) == 2
     assert "no pseudo-labels for this teacher, prompt and labels" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["gpu.yaml", "gpu-8b.yaml", "gpu-70b.yaml"])
+def test_cluster_recipes_inherit_the_embedded_defaults_selection_and_training(recipe):
+    """One source of defaults: a recipe changes the hardware, not the method, unless it says so."""
+    from pathlib import Path
+
+    default = load_config()
+    cfg = load_config(Path(__file__).resolve().parents[1] / "cluster" / "configs" / recipe)
+    assert cfg.selection == default.selection
+    hardware = {
+        "strategy",
+        "zero_stage",
+        "num_workers",
+        "cpus_per_worker",
+        "gpus_per_worker",
+        "resources_per_worker",
+        "storage_path",
+        "batch_size",
+    }
+    # The 8B/70B recipes train RoBERTa-base, whose usual fine-tuning rate is lower than MiniLM's.
+    student_specific = {"learning_rate"} if cfg.student.model != default.student.model else set()
+    keep = set(type(cfg.training).model_fields) - hardware - student_specific
+    assert cfg.training.model_dump(include=keep) == default.training.model_dump(include=keep)

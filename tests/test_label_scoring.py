@@ -63,3 +63,25 @@ def test_a_label_whose_forms_all_have_zero_probability():
     probs, mass = normalize_scores(scores)
     np.testing.assert_allclose(probs, [[1.0, 0.0]])
     np.testing.assert_allclose(mass, [0.5])
+
+
+def test_unlikely_multi_token_prefixes_are_not_followed():
+    """Hand-computed: one single-token variant (p .5), continuations (20, 21) and (30, 31) with first-token
+    probabilities .2 and 1e-7. The bar is floor x the mass scored exactly (.5)."""
+    from math import log
+
+    from llkd_ray.teacher_backends import prefix_logprob, prefixes_worth_following
+
+    scored = {(): {10: log(0.5), 20: log(0.2), 30: log(1e-7)}}
+    continuations = [(20, 21), (30, 31)]
+    depth_one = [(20,), (30,)]
+    assert prefixes_worth_following(depth_one, scored, [10], continuations, floor=1e-5) == [(20,)]  # 1e-7 < 5e-6
+    assert prefixes_worth_following(depth_one, scored, [10], continuations, floor=1e-7) == [(20,), (30,)]
+    assert prefixes_worth_following(depth_one, scored, [10], continuations, floor=0) == [(20,), (30,)]
+    scored[(20,)] = {21: log(0.5)}
+    assert prefix_logprob(scored, (20, 21)) == pytest.approx(log(0.1))
+    assert prefix_logprob(scored, (30, 31)) == float("-inf")  # not followed: its variant scores nothing
+    # Deeper: a completed continuation counts in the exact mass (.5 + .1 = .6 → bar 6e-6).
+    scored[(20,)][22] = log(1e-5)  # (20, 22) has probability 2e-6 so far
+    assert prefixes_worth_following([(20, 22)], scored, [10], [(20, 21), (20, 22, 23)], floor=1e-5) == []
+    assert prefixes_worth_following([(20, 22)], scored, [10], [(20, 21), (20, 22, 23)], floor=1e-6) == [(20, 22)]

@@ -14,7 +14,7 @@ import yaml
 
 from llkd_ray.corpus import load_rotten_tomatoes
 from llkd_ray.labeling import run_labeling
-from llkd_ray.pseudo_label_store import PseudoLabelStore
+from llkd_ray.pseudo_label_store import PseudoLabelStore, StoreBusyError
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.slow
@@ -101,7 +101,10 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(ray_cluster, tmp_
         assert driver.poll() is None, "the first run ended before it could be interrupted"
         assert time.time() < deadline, "no parts were committed in time"
         time.sleep(0.5)
-    os.killpg(driver.pid, signal.SIGKILL)
+    # A second writer while the first is labeling: refused before it labels anything (no row labeled twice).
+    with pytest.raises(StoreBusyError, match="is being written by pid"):
+        run_labeling(cfg)
+    os.killpg(driver.pid, signal.SIGKILL)  # the lock dies with its holder
     driver.wait()
     already = PseudoLabelStore(cfg).stored_sources()
     assert 0 < len(already) < len(records)

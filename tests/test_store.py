@@ -1,13 +1,22 @@
 """Pseudo-label store: fingerprints, atomic parts, crash leftovers, consolidation and row accounting (no Ray)."""
 
 import json
+import os
+import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from llkd_ray.corpus import corpus_ids, load_rotten_tomatoes
-from llkd_ray.pseudo_label_store import PseudoLabelStore, label_fingerprint, read_labels, teacher_fingerprint
+from llkd_ray.pseudo_label_store import (
+    PseudoLabelStore,
+    StoreBusyError,
+    label_fingerprint,
+    read_labels,
+    teacher_fingerprint,
+)
 from llkd_ray.teacher import SCORED_SCHEMA
 from tests.conftest import make_config
 
@@ -84,12 +93,13 @@ def test_commit_resume_and_finalize_account_for_every_row(tmp_path):
             ]
         )
     ) == (2, 0)
-    # A crash mid-write leaves a truncated file: it is removed and its rows count as not stored.
-    (tmp_path / "store" / f"teacher-{teacher_fingerprint(cfg)}" / "parts" / "part-999-broken.parquet").write_bytes(
-        b"PAR1junk"
-    )
+    # A part that is not Parquet is moved aside (not deleted: nothing is lost) and its rows count as not stored.
+    root = tmp_path / "store" / f"teacher-{teacher_fingerprint(cfg)}"
+    (root / "parts" / "part-999-broken.parquet").write_bytes(b"PAR1junk")
     reopened = PseudoLabelStore(cfg)
     assert reopened.stored_sources() == {"f:1", "f:2", "f:3", "f:4", "f:5"}
+    assert (root / "corrupt" / "part-999-broken.parquet").read_bytes() == b"PAR1junk"
+    assert not (root / "parts" / "part-999-broken.parquet").exists()
 
     summary = reopened.finalize()
     assert (summary.rows, summary.labeled, summary.rejected, summary.duplicates, summary.truncated) == (5, 3, 2, 1, 1)
@@ -141,3 +151,58 @@ def test_read_labels_keeps_the_rows_of_the_configured_corpus(tmp_path, ray_clust
     assert corpus_ids(small.corpus) == {r["id"] for r in rows[:4]}
     assert read_labels(small, ids=corpus_ids(small.corpus))["id"].to_pylist() == [r["id"] for r in rows[:4]]
     assert read_labels(small).num_rows == 6
+
+
+def test_a_transient_read_error_deletes_no_part(tmp_path, monkeypatch):
+    """A flaky read (an S3 timeout, say) is raised: it is no proof that the part is corrupt."""
+    import llkd_ray.pseudo_label_store as store_module
+
+    cfg = make_config(store={"path": str(tmp_path / "store")})
+    store = PseudoLabelStore(cfg)
+    store.commit(scored([{"id": "a", "text": "A", "source": "f:1", "probs_raw": [0.9, 0.1], "label_mass": 0.8}]))
+    parts = sorted((tmp_path / "store").rglob("part-*.parquet"))
+    real_read = store_module.pq.read_table
+
+    def flaky(*args, **kwargs):
+        raise OSError("When reading information for key 'parts/part-1.parquet': AWS Error NETWORK_CONNECTION")
+
+    monkeypatch.setattr(store_module.pq, "read_table", flaky)
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        PseudoLabelStore(cfg).stored_sources()
+    monkeypatch.setattr(store_module.pq, "read_table", real_read)
+    assert sorted((tmp_path / "store").rglob("part-*.parquet")) == parts
+    assert PseudoLabelStore(cfg).stored_sources() == {"f:1"}
+
+
+def test_a_second_writer_is_refused_and_told_who_holds_the_store(tmp_path):
+    cfg = make_config(store={"path": f"file://{tmp_path}/store"})
+    first, second = PseudoLabelStore(cfg), PseudoLabelStore(cfg)
+    with first.writer():
+        with pytest.raises(StoreBusyError, match=rf"is being written by pid {os.getpid()} on .*nothing was written"):
+            with second.writer():
+                pass
+    with second.writer():  # released: the next writer gets it
+        pass
+
+
+def test_object_store_writers_hold_a_lease(tmp_path):
+    """Object stores have no locks: the writer keeps a lease file fresh, and a second writer respects it."""
+    import pyarrow.fs as pafs
+
+    cfg = make_config(store={"path": str(tmp_path / "store")})
+    first, second = PseudoLabelStore(cfg), PseudoLabelStore(cfg)
+    for store in (first, second):  # a real filesystem that is not the local one, as s3:// and gs:// are not
+        store.fs = pafs.SubTreeFileSystem("/", pafs.LocalFileSystem())
+    lease = tmp_path / "store" / f"teacher-{teacher_fingerprint(cfg)}" / "writer.json"
+    with first.writer():
+        assert json.loads(lease.read_text())["pid"] == os.getpid()
+        with pytest.raises(StoreBusyError):
+            with second.writer():
+                pass
+        first.commit(scored([{"id": "a", "text": "A", "source": "f:1", "probs_raw": [0.9, 0.1], "label_mass": 0.8}]))
+        assert time.time() - json.loads(lease.read_text())["refreshed"] < 5  # each commit refreshes it
+    assert not lease.exists()
+    stale = {"host": "gone", "pid": 1, "since": 0, "refreshed": time.time() - 3600, "token": "old"}
+    lease.write_text(json.dumps(stale))
+    with second.writer():  # a writer that stopped refreshing an hour ago is gone
+        pass

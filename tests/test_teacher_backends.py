@@ -3,6 +3,8 @@
 Stated tolerance: 2e-3 absolute on every label probability (both run float32; measured differences ~1e-5).
 """
 
+import os
+
 import numpy as np
 import pytest
 
@@ -81,3 +83,32 @@ def test_prompts_longer_than_the_engine_allows_are_refused(smollm2_dir):
     cfg = make_config(teacher={"max_text_tokens": 2000})
     with pytest.raises(ValueError, match="teacher.vllm.max_model_len=1024 is too small"):
         Teacher(cfg.task, cfg.teacher, smollm2_dir, backend=object())
+
+
+def test_a_tensor_parallel_teacher_gives_the_single_rank_distributions():
+    """The 70B recipe's engine settings (tensor_parallel_size, the mp executor) on the CPU twin: two ranks, each on
+    a core of its own, score the embedded default's task like one rank does. Gemma-3-270m: its 4 heads split."""
+    from llkd_ray.config import load_config
+    from llkd_ray.model_sources import resolve_model
+
+    texts = load_rotten_tomatoes(seed=3, limit=8)["text"].to_pylist()
+    probs = {}
+    try:
+        for ranks in (1, 2):
+            executor = "teacher.vllm.engine_kwargs={distributed_executor_backend: mp}"
+            cfg = load_config(None, [f"teacher.vllm.tensor_parallel_size={ranks}", executor])
+            teacher = Teacher(cfg.task, cfg.teacher, resolve_model("gemma-3-270m"))
+            probs[ranks] = teacher.score(texts)[0]
+            del teacher
+    finally:
+        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # set for two ranks: a later one-rank engine must not see it
+    np.testing.assert_allclose(probs[2], probs[1], atol=TOLERANCE)
+
+
+def test_cores_are_split_among_tensor_parallel_ranks(monkeypatch):
+    from llkd_ray.teacher_backends import cores_per_rank
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert cores_per_rank(2) == "0-2|3-4" and cores_per_rank(5) == "0|1|2|3|4"
+    with pytest.raises(ValueError, match="needs at least 6 cores"):
+        cores_per_rank(6)

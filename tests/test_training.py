@@ -74,17 +74,18 @@ def test_split_keeps_gold_labelled_holdout_out_of_the_pool(pool_and_holdout):
 
 
 def test_selection_is_the_same_with_one_and_two_workers(ray_cluster, tmp_path, pool_and_holdout):
+    """Past warm-up, so the student's scores are all-gathered from the shards and gate the selection. The learning
+    rate is ~0: both students stay the seeded initial one, so any difference is the gather's (order, coverage)."""
     pool, holdout = pool_and_holdout
-    one = train_student(
-        config(tmp_path, "one", strategy="ddp", num_workers=1, epochs=1), pool, holdout, tmp_path / "one"
-    )
-    two = train_student(
-        config(tmp_path, "two", strategy="ddp", num_workers=2, epochs=1), pool, holdout, tmp_path / "two"
-    )
+    common = {"strategy": "ddp", "epochs": 2, "learning_rate": 1e-12}
+    one = train_student(config(tmp_path, "one", num_workers=1, **common), pool, holdout, tmp_path / "one")
+    two = train_student(config(tmp_path, "two", num_workers=2, **common), pool, holdout, tmp_path / "two")
     assert 0 < len(one.used_pool_indices) < pool.num_rows
     assert one.used_pool_indices == two.used_pool_indices
-    for key in ("selected", "selected_per_class", "teacher_thresholds", "student_thresholds"):
-        assert one.history[0][key] == two.history[0][key], key
+    assert one.history[1]["selected"] < one.history[0]["selected"]  # the student gate did act in epoch 2
+    for epoch in (0, 1):
+        for key in ("selected", "selected_per_class", "teacher_thresholds", "student_thresholds"):
+            assert one.history[epoch][key] == two.history[epoch][key], (epoch, key)
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
@@ -117,9 +118,18 @@ def test_deepspeed_trains_exports_the_trained_weights_and_resumes(ray_cluster, t
 
 
 def test_ddp_student_export_matches_its_checkpoint_and_resumes_when_rerun(ray_cluster, tmp_path, pool_and_holdout):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
     pool, holdout = pool_and_holdout
     cfg = config(tmp_path, "ddp", strategy="ddp", num_workers=1)
     first = train_student(cfg, pool, holdout, tmp_path / "run")
+    # The exported student holds exactly the weights of the final checkpoint (not a copy of something else).
+    checkpointed = torch.load(Path(first.checkpoint_path) / "ddp_state.pt", weights_only=True)["model"]
+    exported = AutoModelForSequenceClassification.from_pretrained(first.student_dir).state_dict()
+    assert set(exported) == {key.removeprefix("module.") for key in checkpointed}
+    for key, tensor in checkpointed.items():
+        torch.testing.assert_close(exported[key.removeprefix("module.")], tensor, rtol=0, atol=0)
     before = load_and_predict(first.student_dir, ["Gripping and smart.", "Lifeless."])
     again = train_student(cfg, pool, holdout, tmp_path / "run")  # same name: nothing left to train
     assert again.history == first.history and again.checkpoint_path == first.checkpoint_path
@@ -132,7 +142,10 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path, pool
     cfg = config(tmp_path, "failing", strategy="ddp", num_workers=2, epochs=3, max_failures=1)
     result = train_student(cfg, pool, holdout, tmp_path / "run", fail_once_at=(2, str(marker)))
     assert marker.exists()  # the worker process really died at epoch 2
-    assert [h["epoch"] for h in result.history] == [1, 2, 3]  # epoch 1 came from the checkpoint, not redone
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    died_at = marker.stat().st_mtime
+    # A resume keeps epoch 1 as checkpointed before the failure; a restart from scratch would redo it after.
+    assert result.history[0]["finished_at"] < died_at < result.history[1]["finished_at"]
     assert (result.student_dir / "config.json").exists()
 
 
