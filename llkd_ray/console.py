@@ -70,6 +70,7 @@ def console(log_file: Path | None, verbose: bool = False) -> Iterator[Path | Non
         return
 
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    ray_was_connected = _ray_connected()
     sys.stdout.flush()
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
@@ -94,7 +95,8 @@ def console(log_file: Path | None, verbose: bool = False) -> Iterator[Path | Non
     try:
         yield log_file
     finally:
-        _disconnect_ray()  # Ray's own exit messages (a local cluster stopping) belong in the log, not the terminal
+        if not ray_was_connected:  # what this command connected: Ray's exit messages belong in the log too
+            _disconnect_ray()
         if dispatcher is not None:
             dispatcher.remove_handler("llkd_console")
         _terminal = None
@@ -111,10 +113,14 @@ def console(log_file: Path | None, verbose: bool = False) -> Iterator[Path | Non
         log_stream.close()
 
 
-def _disconnect_ray() -> None:
+def _ray_connected() -> bool:
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    return ray is not None and ray.is_initialized()
+
+
+def _disconnect_ray() -> None:
+    if _ray_connected():
+        sys.modules["ray"].shutdown()
 
 
 def _ray_worker_dispatcher():

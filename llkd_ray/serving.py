@@ -238,7 +238,9 @@ class StudentClassifier:
         responses={
             400: {"description": "malformed request"},
             401: {"description": "bad token"},
-            413: {"description": "too many or too long texts"},
+            413: {"description": "too many or too long texts, or a body over max_body_bytes"},
+            422: {"description": "the model failed on one of the texts (the other callers are unaffected)"},
+            503: {"description": "overloaded: more than max_queued_requests waiting; retry later"},
         },
     )
     async def classify(self, request: Request) -> Any:

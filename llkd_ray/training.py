@@ -254,14 +254,25 @@ def epoch_line(metrics: dict, epochs: int, pool_size: int) -> str:
     return " | ".join(fields)
 
 
-def _maybe_fail(fail_once_at: tuple[int, str] | None, epoch: int, rank: int) -> None:
-    """Fault injection: kill this worker process (not raise: a real crash) once, at the given epoch."""
+def _maybe_fail(fail_once_at: tuple[int, str] | None, epoch: int, rank: int, cfg: Config) -> None:
+    """Fault injection: kill this worker process (not raise: a real crash) once, at the given epoch.
+
+    It first waits until Ray Train's controller has registered the previous epoch's checkpoint: a report counts
+    once the controller has processed it, so a worker that dies within a moment of reporting restarts from the
+    checkpoint before (an epoch redone). That window is real; this injection is for testing the resume."""
     if not fail_once_at or rank != 0:
         return
     fail_epoch, marker = fail_once_at
-    if fail_epoch == epoch and not os.path.exists(marker):
-        Path(marker).write_text("failed once")
-        os._exit(1)
+    if fail_epoch != epoch or os.path.exists(marker):
+        return
+    snapshot = Path(absolute(cfg.training.storage_path)) / cfg.output.name / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if snapshot.exists() and f'"epoch-{epoch - 1:03d}"' in snapshot.read_text():
+            break
+        time.sleep(0.5)
+    Path(marker).write_text("failed once")
+    os._exit(1)
 
 
 def train_loop(loop_config: dict) -> None:
@@ -323,7 +334,7 @@ def train_loop(loop_config: dict) -> None:
             worker_console_line(f"resumed from the checkpoint of epoch {start_epoch}")
 
     for epoch in range(start_epoch + 1, cfg.training.epochs + 1):
-        _maybe_fail(loop_config.get("fail_once_at"), epoch, rank)
+        _maybe_fail(loop_config.get("fail_once_at"), epoch, rank, cfg)
         started = time.time()
         local_probs = _score(engine, encode, texts, 128, collective, len(names))
         parts = collective.gather((local_index, local_probs))

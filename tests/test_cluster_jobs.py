@@ -28,13 +28,18 @@ def write_corpus(path: Path, count: int, seed: int) -> Path:
     return path
 
 
-def teacher_nodes() -> set[str]:
+def teacher_actors() -> dict[str, str]:
+    """{actor id: node id} of every teacher actor the cluster has seen (alive or not)."""
     from ray.util.state import list_actors
 
     actors = list_actors(
         filters=[("class_name", "=", "MapWorker(MapBatches(TeacherActor))")], limit=1000, raise_on_missing_output=False
     )
-    return {actor.node_id for actor in actors}
+    return {actor.actor_id: actor.node_id for actor in actors}
+
+
+def teacher_nodes() -> set[str]:
+    return set(teacher_actors().values())
 
 
 def submit_when_ready(command: list[str], dashboard: str) -> subprocess.CompletedProcess:
@@ -64,7 +69,7 @@ def test_submitted_run_places_the_teacher_on_the_gpu_node(ray_cluster, tmp_path)
     )
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump()))
-    before = teacher_nodes()
+    before = teacher_actors()
     submitted = submit_when_ready(
         [
             RAY,
@@ -89,7 +94,8 @@ def test_submitted_run_places_the_teacher_on_the_gpu_node(ray_cluster, tmp_path)
     for name in ("config.yaml", "report.md", "metrics.json", "student/config.json", "selection.png"):
         assert (run_dir / name).exists(), name
     assert (tmp_path / "bucket" / "store").is_dir() and (tmp_path / "bucket" / "ray" / "submitted").is_dir()
-    assert teacher_nodes() - before == {node_id_with_resource(GPU_NODE_RESOURCE)}
+    new_teachers = {node for actor, node in teacher_actors().items() if actor not in before}
+    assert new_teachers == {node_id_with_resource(GPU_NODE_RESOURCE)}
 
 
 def test_llkd_submit_uploads_the_checkout_and_follows_the_job(ray_cluster, tmp_path):
@@ -124,6 +130,21 @@ def raylet_pid(node_manager_port: int) -> int:
     return int(found[0])
 
 
+def label_in_background(cfg) -> tuple[threading.Thread, dict, Path]:
+    """run_labeling on a thread: (the thread, where its summary lands, the store's parts directory)."""
+    result: dict = {}
+    labeling = threading.Thread(target=lambda: result.update(summary=run_labeling(cfg)), daemon=True)
+    labeling.start()
+    return labeling, result, Path(PseudoLabelStore(cfg).root) / "parts"
+
+
+def wait_for_parts(parts: Path, count: int, labeling: threading.Thread, before: str) -> None:
+    deadline = time.time() + 600
+    while len(list(parts.glob("part-*.parquet"))) < count:
+        assert labeling.is_alive() and time.time() < deadline, f"labeling ended or stalled before {before}"
+        time.sleep(0.5)
+
+
 def test_a_teacher_node_killed_mid_labeling_loses_and_duplicates_nothing(ray_cluster, tmp_path):
     corpus = write_corpus(tmp_path / "corpus.jsonl", 240, seed=41)
     cfg = make_config(
@@ -132,14 +153,8 @@ def test_a_teacher_node_killed_mid_labeling_loses_and_duplicates_nothing(ray_clu
         store={"path": str(tmp_path / "store"), "rows_per_part": 8},
     )
     doomed = ray_cluster.start_node({"doomed_node": 1})
-    result: dict = {}
-    labeling = threading.Thread(target=lambda: result.update(summary=run_labeling(cfg)), daemon=True)
-    labeling.start()
-    parts = Path(PseudoLabelStore(cfg).root) / "parts"
-    deadline = time.time() + 600
-    while len(list(parts.glob("part-*.parquet"))) < 3:
-        assert labeling.is_alive() and time.time() < deadline, "labeling ended or stalled before the kill"
-        time.sleep(0.5)
+    labeling, result, parts = label_in_background(cfg)
+    wait_for_parts(parts, 3, labeling, before="the kill")
     labeled_before_the_kill = len(PseudoLabelStore(cfg).stored_sources())
     os.kill(raylet_pid(doomed), signal.SIGKILL)  # the node dies with its teacher actor, mid-stream
     assert labeled_before_the_kill < 240, "every row was labeled before the node died: nothing was tested"
@@ -172,14 +187,8 @@ def test_the_teacher_pool_grows_onto_a_node_that_joins_mid_labeling(ray_cluster,
         store={"path": str(tmp_path / "store"), "rows_per_part": 8},
     )
     first = ray_cluster.start_node({"grow_node": 1})
-    result: dict = {}
-    labeling = threading.Thread(target=lambda: result.update(summary=run_labeling(cfg)), daemon=True)
-    labeling.start()
-    parts = Path(PseudoLabelStore(cfg).root) / "parts"
-    deadline = time.time() + 600
-    while len(list(parts.glob("part-*.parquet"))) < 2:
-        assert labeling.is_alive() and time.time() < deadline, "labeling ended or stalled before the node joined"
-        time.sleep(0.5)
+    labeling, result, parts = label_in_background(cfg)
+    wait_for_parts(parts, 2, labeling, before="the node joined")
     assert teacher_nodes() >= {node_id_of(first)}
     second = ray_cluster.start_node({"grow_node": 1})
     parts_when_it_joined = len(list(parts.glob("part-*.parquet")))

@@ -112,3 +112,17 @@ def test_cores_are_split_among_tensor_parallel_ranks(monkeypatch):
     assert cores_per_rank(2) == "0-2|3-4" and cores_per_rank(5) == "0|1|2|3|4"
     with pytest.raises(ValueError, match="needs at least 6 cores"):
         cores_per_rank(6)
+
+
+def test_multi_token_labels_agree_on_gemma_too():
+    """Gemma-3-270m is where the path this one replaced (prompt_logprobs) disagreed with transformers by up to .23."""
+    from llkd_ray.model_sources import resolve_model
+
+    gemma = resolve_model("gemma-3-270m")
+    cfg = make_config(task=TOPIC_TASK, teacher={"model": "gemma-3-270m"})
+    assert Teacher(cfg.task, cfg.teacher, gemma, backend=object()).verbalizer.multi_token_continuations
+    results = {
+        name: Teacher(cfg.task, cfg.teacher, gemma, backend=backend(gemma, cfg.teacher)).score(HEADLINES)[0]
+        for name, backend in (("vllm", VLLMBackend), ("transformers", TransformersBackend))
+    }
+    np.testing.assert_allclose(results["vllm"], results["transformers"], atol=TOLERANCE)
