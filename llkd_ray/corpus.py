@@ -24,8 +24,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from llkd_ray import storage
 from llkd_ray.config import CorpusConfig
 
 ROW_SCHEMA = pa.schema(
@@ -187,7 +189,15 @@ def _has_surrogates(value: str) -> bool:
 
 
 def _printable(value: str) -> str:
-    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if _has_surrogates(value) else value
+    """A text safe to store as UTF-8: undecodable bytes (kept as surrogate escapes) and lone surrogates (a JSON
+    "\\ud800" escape) shown as replacement characters."""
+    if not _has_surrogates(value):
+        return value
+    try:
+        raw = value.encode("utf-8", "surrogateescape")  # bytes that were not UTF-8 in the file
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8", "surrogatepass")  # a lone surrogate that came from a JSON escape
+    return raw.decode("utf-8", "replace")
 
 
 def detect_format(path: str, configured: str) -> str:
@@ -232,11 +242,16 @@ def read_corpus(cfg: CorpusConfig):
         if source.startswith("builtin:"):
             datasets.append(ray.data.from_arrow(load_rotten_tomatoes(cfg.seed, cfg.limit)))
             continue
-        # Files are parsed by our own code (not Ray's typed readers) so that one malformed line, a wrongly typed
-        # value or undecodable bytes reject that row instead of failing the whole file.
+        # Files are read and parsed by our own code (not Ray's readers, which also decompress by extension) so that
+        # one malformed line rejects that row, and one corrupt archive that file, instead of failing the run.
         preflight(source, cfg)
-        files = ray.data.read_binary_files(source, include_paths=True)
-        datasets.append(files.map_batches(_file_rows, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow"))
+        paths = list_files(source)
+        files = ray.data.from_items([{"path": path} for path in paths], override_num_blocks=max(len(paths), 1))
+        datasets.append(
+            files.map_batches(
+                _file_rows, fn_kwargs={"cfg": cfg, "source": source}, batch_size=1, batch_format="pyarrow"
+            )
+        )
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
     if cfg.limit and not all(s.startswith("builtin:") for s in cfg.sources):
         ds = ds.limit(cfg.limit)
@@ -273,8 +288,30 @@ def _read_bytes(path: str, data: bytes) -> bytes:
     return data
 
 
-def _file_rows(files: pa.Table, cfg: CorpusConfig) -> pa.Table:
-    rows = []
-    for path, data in zip(files["path"].to_pylist(), files["bytes"].to_pylist()):
-        rows.extend(parse_file(_read_bytes(path, data), path, detect_format(path, cfg.format), cfg))
+def list_files(source: str) -> list[str]:
+    """A source's files, as paths inside its filesystem: the file itself, or every file below a directory
+    (names starting with "." or "_" left out, as Ray's readers do)."""
+    fs, inner = storage.resolve(source)
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.File:
+        return [inner]
+    if info.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"corpus source not found: {source}")
+    found = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    return sorted(f.path for f in found if f.type == pafs.FileType.File and not f.base_name.startswith((".", "_")))
+
+
+def _file_rows(files: pa.Table, cfg: CorpusConfig, source: str) -> pa.Table:
+    fs, _ = storage.resolve(source)
+    rows: list[dict] = []
+    for path in files["path"].to_pylist():
+        read_before = len(rows)
+        try:
+            with fs.open_input_stream(path, compression=None) as stream:  # raw bytes: decompression is ours
+                data = stream.read()
+            rows.extend(parse_file(_read_bytes(path, data), path, detect_format(path, cfg.format), cfg))
+        except Exception as error:  # a corrupt archive or Parquet file: rejected as a unit, the corpus goes on
+            what = "file" if len(rows) == read_before else f"rest of the file after {len(rows) - read_before} rows"
+            reason = f"unreadable {what}: {type(error).__name__}: {error}"[:500]
+            rows.append(_rejected("", f"{path}:{'file' if what == 'file' else 'rest'}", reason))
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)

@@ -16,6 +16,7 @@ from llkd_ray.prompts import build_verbalizer, render_prompt
 from llkd_ray.teacher_backends import TeacherBackend
 
 logger = logging.getLogger(__name__)
+MAX_CHARS_PER_TOKEN = 32  # generous: subword tokens average ~4 characters
 
 # The corpus row plus what the teacher adds to it.
 SCORED_SCHEMA = pa.schema(
@@ -52,9 +53,13 @@ class Teacher:
         self.backend = backend or make_backend(model_dir, cfg)
 
     def truncate(self, text: str) -> tuple[str, bool]:
+        # Characters first: a 10 MB row is cut to what max_text_tokens could ever hold before it is tokenized.
+        cap = self.cfg.max_text_tokens * MAX_CHARS_PER_TOKEN
+        clipped = len(text) > cap
+        text = text[:cap]
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) <= self.cfg.max_text_tokens:
-            return text, False
+            return text, clipped
         return self.tokenizer.decode(ids[: self.cfg.max_text_tokens]), True
 
     def encode(self, texts: list[str]) -> list[list[int]]:

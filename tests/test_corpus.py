@@ -1,6 +1,7 @@
 """Corpus readers: every format, hostile rows rejected with a reason, nothing dropped."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -144,3 +145,31 @@ def test_a_csv_field_longer_than_pythons_default_limit_is_read():
     text = "z" * 200_000  # Python's csv refuses fields over 131,072 characters unless told otherwise
     rows = rows_of(f'text\n"{text}"\n'.encode(), "csv")
     assert rows[0]["reject_reason"] is None and rows[0]["text"] == text
+
+
+def test_a_file_that_cannot_be_decompressed_is_rejected_as_a_unit_and_the_rest_read(tmp_path):
+    import gzip
+
+    from llkd_ray.corpus import _file_rows, list_files
+
+    good = gzip.compress(b'{"text": "first"}\n{"text": "second"}\n')
+    (tmp_path / "a_good.jsonl.gz").write_bytes(good)
+    (tmp_path / "b_broken.jsonl.gz").write_bytes(b"\x1f\x8bnot gzip at all")
+    (tmp_path / "c_cut.jsonl.gz").write_bytes(good[: len(good) // 2])
+    (tmp_path / ".hidden.jsonl").write_text('{"text": "not a corpus file"}\n')
+    paths = list_files(str(tmp_path))
+    assert [Path(p).name for p in paths] == ["a_good.jsonl.gz", "b_broken.jsonl.gz", "c_cut.jsonl.gz"]
+    rows = _file_rows(pa.table({"path": paths}), CorpusConfig(), source=str(tmp_path)).to_pylist()
+    assert [(r["text"], r["reject_reason"]) for r in rows[:2]] == [("first", None), ("second", None)]
+    broken = [r for r in rows if "b_broken" in r["source"]]
+    assert len(broken) == 1 and broken[0]["source"].endswith("b_broken.jsonl.gz:file")
+    assert broken[0]["reject_reason"].startswith("unreadable file: BadGzipFile")
+    cut = [r for r in rows if "c_cut" in r["source"]]
+    assert len(cut) == 1 and cut[0]["reject_reason"].startswith("unreadable file: EOFError")
+
+
+def test_a_lone_surrogate_from_a_json_escape_is_rejected_not_raised():
+    rows = rows_of(b'{"text": "lone \\ud800 surrogate"}\n{"text": "next"}\n', "jsonl")
+    assert rows[0]["reject_reason"] == "undecodable bytes (not UTF-8)" and "\ufffd" in rows[0]["text"]
+    assert rows[0]["text"].encode("utf-8")  # storable
+    assert (rows[1]["text"], rows[1]["reject_reason"]) == ("next", None)

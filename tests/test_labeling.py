@@ -124,3 +124,68 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(ray_cluster, tmp_
     assert PseudoLabelStore(unstartable).root == store.root
     again = run_labeling(unstartable)
     assert (again.labeled_this_run, again.rejected_this_run, again.rows, again.labeled) == (0, 0, 203, 200)
+
+
+def test_ten_thousand_hostile_rows_end_labeled_or_rejected_with_a_reason(ray_cluster, tmp_path):
+    """The real pipeline, 10,000 rows: hostile kinds of every sort are rejected by the reader before the teacher,
+    a corrupt archive is rejected as a unit, a 10 MB row is cut and labeled; no crash, each row once."""
+    import gzip
+
+    good = [row["text"] for row in load_rotten_tomatoes(seed=13, limit=155).to_pylist()]
+    hostile_kinds = [
+        b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}",  # deeper than the parser's recursion limit
+        b"{broken json",
+        b'["a", "list"]',
+        b'{"text": null}',
+        b'{"text": ""}',
+        b'{"text": 7}',
+        b'{"body": "no text field"}',
+        b'{"text": "caf\xe9"}',  # not UTF-8
+        b'{"text": "lone \\ud800 surrogate"}',
+    ]
+    separators = [json.dumps({"text": f"{text} \u2028 (and more)"}, ensure_ascii=False).encode() for text in good[:5]]
+    huge = json.dumps({"text": "A long, long review. " * 500_000}).encode()  # ~10 MB
+    duplicates = [json.dumps({"text": text}).encode() for text in good[:5]]
+    files_rows = {"reviews.jsonl": 120 + 5 + 5 + 1, "more.csv": 20 + 50 + 1, "good.jsonl.gz": 10, "broken.jsonl.gz": 1}
+    hostile_count = 10_000 - sum(files_rows.values())
+    lines = [json.dumps({"text": text}).encode() for text in good[:120]] + separators + duplicates + [huge]
+    lines += [hostile_kinds[i % len(hostile_kinds)] for i in range(hostile_count)]
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "reviews.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    csv_rows = [f'"{text}",x' for text in good[120:140]] + ['"a","b","c"'] * 50 + ['"' + "z" * (17 * 2**20) + '",x']
+    (tmp_path / "corpus" / "more.csv").write_text("text,label\n" + "\n".join(csv_rows) + "\n")
+    gz_lines = [json.dumps({"text": text}).encode() for text in good[140:150]]
+    (tmp_path / "corpus" / "good.jsonl.gz").write_bytes(gzip.compress(b"\n".join(gz_lines) + b"\n"))
+    (tmp_path / "corpus" / "broken.jsonl.gz").write_bytes(b"\x1f\x8b this is not gzip")
+    cfg = make_config(
+        corpus={"source": str(tmp_path / "corpus"), "rows_per_block": 512},
+        teacher={"batch_size": 32, "max_text_tokens": 64},
+        store={"path": str(tmp_path / "store"), "rows_per_part": 512},
+    )
+    summary = run_labeling(cfg)
+    teacher_bound = 120 + 5 + 5 + 1 + 20 + 10
+    assert (summary.rows, summary.labeled, summary.duplicates) == (10_000, teacher_bound - 5, 5)
+    assert summary.rejected == 10_000 - summary.labeled
+    sources = stored_sources(summary.labels_path)
+    assert len(sources) == len(set(sources)) == 10_000  # every row once, labeled or rejected
+    rejects = pq.read_table(summary.labels_path.replace("labels.parquet", "rejects.parquet")).to_pylist()
+    assert all(row["reject_reason"] for row in rejects)
+    reasons = " | ".join(row["reject_reason"] for row in rejects)
+    for expected in (
+        "nested too deeply",
+        "invalid JSON line",
+        "a JSON list",
+        "text is missing",
+        "text is empty",
+        "text is int",
+        "no 'text' field",
+        "undecodable bytes",
+        "more fields than the header",
+        "field larger than field limit",
+        "unreadable file: BadGzipFile",
+        "duplicate id",
+    ):
+        assert expected in reasons, expected
+    labels = pq.read_table(summary.labels_path, columns=["text", "truncated"]).to_pylist()
+    assert sum(row["truncated"] for row in labels) == 1  # the 10 MB row, cut before it was tokenized
+    assert sum("\u2028" in row["text"] for row in labels) == 5  # line separators stayed inside their texts
