@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=256)
     parser.add_argument("--old-texts", type=int, default=8)  # ~11 s a text: no prefix cache, a head per position
     parser.add_argument("--reference-texts", type=int, default=16)
+    parser.add_argument("--block-size", type=int, help="vLLM KV block size (default: the backend's, 32 on CPU)")
     args = parser.parse_args()
 
     from llkd_ray.config import config_from_dict
@@ -108,6 +109,8 @@ def main() -> None:
 
     model_dir = resolve_model(args.model)
     stats = {"engine_kwargs": {"disable_log_stats": False}}  # vLLM counts prefix-cache hits only with stats on
+    if args.block_size:
+        stats["block_size"] = args.block_size
     teacher_options = {"model": args.model, "max_text_tokens": 128, "vllm": stats}
     configs = {
         name: config_from_dict({"task": task(names), "teacher": teacher_options})
