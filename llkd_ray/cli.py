@@ -7,7 +7,9 @@ override wherever it stands, unless it is the value of an option (``--config a=b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import re
 import sys
 
@@ -122,11 +124,13 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
 
         from llkd_ray.teacher import labeling_cost_note
 
-        print(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-        try:
-            print(f"llkd: {labeling_cost_note(cfg)}", file=sys.stderr)
-        except Exception as error:  # an unreachable hub id, say: the config itself is still valid
-            print(f"llkd: could not load the teacher's tokenizer to count label tokens: {error}", file=sys.stderr)
+        print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), flush=True)
+        with stdout_to_stderr():  # stdout is the YAML alone (`> resolved.yaml`): libraries print while loading
+            try:
+                note = labeling_cost_note(cfg)
+            except Exception as error:  # an unreachable hub id, say: the config itself is still valid
+                note = f"could not load the teacher's tokenizer to count label tokens: {error}"
+        print(f"llkd: {note}", file=sys.stderr)
     elif args.command == "serve":
         from llkd_ray.serving import serve_command
 
@@ -140,6 +144,22 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
 
         run_pipeline(cfg, label=args.command == "run")
     return 0
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Everything written to stdout meanwhile goes to stderr: Python's sys.stdout and file descriptor 1 both (DeepSpeed
+    prints "Setting accelerator to CPU" there the first time transformers loads it)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def run_as_job(command: str, *fixed: str) -> None:

@@ -49,11 +49,28 @@ def test_an_option_value_that_looks_like_an_override_stays_with_its_option():
 
 
 def test_check_config_applies_overrides_from_anywhere(tmp_path, capsys):
+    """In-process, after other modules were imported: DeepSpeed once printed onto stdout here (the CI run)."""
     config_file = tmp_path / "c.yaml"
     config_file.write_text(yaml.safe_dump(make_config().model_dump()))
     assert main(["check-config", "training.epochs=3", "--config", str(config_file), "teacher.batch_size=4"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["training"]["epochs"] == 3 and resolved["teacher"]["batch_size"] == 4
+
+
+def test_check_config_applies_overrides_from_anywhere_and_prints_only_yaml(tmp_path):
+    """`llkd check-config ... > resolved.yaml` must give YAML: whatever a library prints goes to stderr."""
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(yaml.safe_dump(make_config().model_dump()))
+    result = subprocess.run(
+        [LLKD, "check-config", "training.epochs=3", "--config", str(config_file), "teacher.batch_size=4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    resolved = yaml.safe_load(result.stdout)  # the whole of stdout parses
+    assert resolved["training"]["epochs"] == 3 and resolved["teacher"]["batch_size"] == 4
+    assert "llkd: teacher:" in result.stderr
 
 
 @pytest.mark.slow  # loads the SmolLM2 tokenizer (a GGUF conversion on a fresh machine)
