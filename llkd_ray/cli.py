@@ -7,9 +7,7 @@ override wherever it stands, unless it is the value of an option (``--config a=b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import os
 import re
 import sys
 
@@ -122,6 +120,7 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
     if args.command == "check-config":
         import yaml
 
+        from llkd_ray.console import stdout_to_stderr
         from llkd_ray.teacher import labeling_cost_note
 
         print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), flush=True)
@@ -144,22 +143,6 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
 
         run_pipeline(cfg, label=args.command == "run")
     return 0
-
-
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """Everything written to stdout meanwhile goes to stderr: Python's sys.stdout and file descriptor 1 both (DeepSpeed
-    prints "Setting accelerator to CPU" there the first time transformers loads it)."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def run_as_job(command: str, *fixed: str) -> None:

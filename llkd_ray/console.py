@@ -71,46 +71,64 @@ def console(log_file: Path | None, verbose: bool = False) -> Iterator[Path | Non
 
     log_file.parent.mkdir(parents=True, exist_ok=True)
     ray_was_connected = _ray_connected()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved_out, saved_err = os.dup(1), os.dup(2)
     terminal = os.fdopen(os.dup(2), "w", buffering=1)
     log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    os.close(log_fd)
+    log_stream = os.fdopen(os.dup(log_fd), "w", buffering=1)  # the log file, whatever sys.stderr becomes
     to_terminal = logging.StreamHandler(terminal)
     to_terminal.setFormatter(logging.Formatter(CONSOLE_TAG + "%(message)s"))
-    log_stream = os.fdopen(os.dup(2), "w", buffering=1)  # the log file, whatever sys.stderr has become
     to_file = logging.StreamHandler(log_stream)
     to_file.setFormatter(logging.Formatter(FILE_FORMAT))
-    logger.addHandler(to_terminal)
-    root.addHandler(to_file)
-    logging.captureWarnings(True)
-    _terminal = terminal
-    dispatcher = _ray_worker_dispatcher()
-    if dispatcher is not None:
-        dispatcher.add_handler("llkd_console", _show_tagged_worker_lines(terminal))
-    logger.info("full log: %s", log_file)
-    try:
-        yield log_file
-    finally:
-        if not ray_was_connected:  # what this command connected: Ray's exit messages belong in the log too
-            _disconnect_ray()
+    with fds_pointed_at(log_fd, (1, 2)):
+        os.close(log_fd)
+        logger.addHandler(to_terminal)
+        root.addHandler(to_file)
+        logging.captureWarnings(True)
+        _terminal = terminal
+        dispatcher = _ray_worker_dispatcher()
         if dispatcher is not None:
-            dispatcher.remove_handler("llkd_console")
-        _terminal = None
-        logging.captureWarnings(False)
-        logger.removeHandler(to_terminal)
-        root.removeHandler(to_file)
+            dispatcher.add_handler("llkd_console", _show_tagged_worker_lines(terminal))
+        logger.info("full log: %s", log_file)
+        try:
+            yield log_file
+        finally:
+            if not ray_was_connected:  # what this command connected: Ray's exit messages belong in the log too
+                _disconnect_ray()
+            if dispatcher is not None:
+                dispatcher.remove_handler("llkd_console")
+            _terminal = None
+            logging.captureWarnings(False)
+            logger.removeHandler(to_terminal)
+            root.removeHandler(to_file)
+            terminal.close()
+            log_stream.close()
+
+
+@contextlib.contextmanager
+def fds_pointed_at(target_fd: int, fds: tuple[int, ...]) -> Iterator[None]:
+    """Point file descriptors (1, 2) at ``target_fd`` for a while: what C code, child processes and Python all
+    write through. Python's buffers are flushed on the way in and out so nothing lands on the wrong side."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in fds]
+    for fd in fds:
+        os.dup2(target_fd, fd)
+    try:
+        yield
+    finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(saved_out, 1)
-        os.dup2(saved_err, 2)
-        for fd in (saved_out, saved_err):
-            os.close(fd)
-        terminal.close()
-        log_stream.close()
+        for fd, copy in zip(fds, saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Everything written to stdout meanwhile goes to stderr, Python's sys.stdout and file descriptor 1 both, so
+    that stdout carries a command's result alone (DeepSpeed once printed "Setting accelerator to CPU" there while
+    transformers loaded a tokenizer)."""
+    with fds_pointed_at(2, (1,)), contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def _ray_connected() -> bool:
