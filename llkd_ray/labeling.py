@@ -50,7 +50,7 @@ def teacher_pool(cfg: Config):
 
 
 def _skip_stored(batch: pa.Table, stored: set[str]) -> pa.Table:
-    return batch.filter(pc.invert(pc.is_in(batch["source"], value_set=pa.array(sorted(stored), type=pa.string()))))
+    return batch.filter(pc.invert(pc.is_in(batch["key"], value_set=pa.array(sorted(stored), type=pa.string()))))
 
 
 def run_labeling(cfg: Config) -> StoreSummary:
@@ -62,7 +62,7 @@ def run_labeling(cfg: Config) -> StoreSummary:
 
 
 def _label_missing_rows(cfg: Config, store: PseudoLabelStore) -> StoreSummary:
-    stored = store.stored_sources()
+    stored = store.stored_keys()
     ds = read_corpus(cfg.corpus)
     if stored:
         logger.info("resuming: %d rows already in %s", len(stored), store.display_root)

@@ -9,11 +9,13 @@ Layout under ``store.path``::
         rejects.parquet             every reject, duplicates included
         manifest.json               what made this store, the label prior and the row accounting
 
-Resume: each corpus row has a unique ``source`` (file:line); a re-run skips every source already committed,
-so a crash or Ctrl-C loses at most the parts in flight and never duplicates a row. Every file is written to a
-staging name and renamed into place, so a reader never sees half of one. A part that is provably corrupt (not
-Parquet) is moved to ``corrupt/`` and its rows are labeled again; any other read error is raised, never taken
-as a reason to delete.
+Resume: each corpus row has a unique ``key`` (its file, content and occurrence: see corpus.py); a re-run skips
+every key already committed, so a crash or Ctrl-C loses at most the parts in flight and never duplicates a row,
+and a line inserted into a corpus file costs one teacher call, not a relabel of every row after it.
+
+Every file is written to a staging name and renamed into place, so a reader never sees half of one. A part
+that is provably corrupt (not Parquet) is moved to ``corrupt/`` and its rows are labeled again; any other read
+error is raised, never taken as a reason to delete.
 
 One writer at a time (``PseudoLabelStore.writer``): a lock file on local and mounted filesystems; on object
 stores, which have no locks, a lease file refreshed at every commit, which a second writer refuses to take over
@@ -53,6 +55,8 @@ class StoreBusyError(UserError):
     """Another process is writing to this store."""
 
 
+REJECT_COLUMNS = ("id", "text", "source", "key", "reject_reason")
+STORE_LAYOUT = 2  # 2: rows resume by content key, not file:line; a store of another layout is not mixed in
 LABELS_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -84,6 +88,7 @@ def teacher_fingerprint(cfg: Config) -> str:
             "model": model_identity(cfg.teacher.model),
             "task": cfg.task.model_dump(),
             "max_text_tokens": cfg.teacher.max_text_tokens,
+            "layout": STORE_LAYOUT,
         }
     )
 
@@ -186,13 +191,13 @@ class PseudoLabelStore:
             " then run again; nothing was written"
         )
 
-    def stored_sources(self) -> set[str]:
-        """Sources already committed (labeled or rejected). A part that is not Parquet (which atomic writes
+    def stored_keys(self) -> set[str]:
+        """Row keys already committed (labeled or rejected). A part that is not Parquet (which atomic writes
         should rule out) is moved to corrupt/ and its rows labeled again; a read error is raised, not guessed at."""
-        sources: set[str] = set()
+        keys: set[str] = set()
         for path in self._part_files("parts") + self._part_files("rejects"):
             try:
-                sources.update(pq.read_table(path, columns=["source"], filesystem=self.fs)["source"].to_pylist())
+                keys.update(pq.read_table(path, columns=["key"], filesystem=self.fs)["key"].to_pylist())
             except pa.ArrowInvalid as error:
                 aside = f"{self.root}/corrupt/{path.rsplit('/', 1)[1]}"
                 logger.warning(
@@ -200,13 +205,13 @@ class PseudoLabelStore:
                 )
                 self.fs.create_dir(f"{self.root}/corrupt", recursive=True)
                 self.fs.move(path, aside)
-        return sources
+        return keys
 
     def commit(self, scored: pa.Table) -> tuple[int, int]:
         """Write one streamed batch: scored rows to parts/, rejected rows to rejects/. Returns the two counts."""
         rejected_mask = pc.is_valid(scored["reject_reason"])
         labeled = scored.filter(pc.invert(rejected_mask))
-        rejected = scored.filter(rejected_mask).select(["id", "text", "source", "reject_reason"])
+        rejected = scored.filter(rejected_mask).select(list(REJECT_COLUMNS))
         for sub, table in (("parts", labeled), ("rejects", rejected)):
             if table.num_rows:
                 self._write_atomically(table, f"{self.root}/{sub}/part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet")
@@ -300,9 +305,7 @@ class PseudoLabelStore:
         taken = parts.take(rows)
         first_sources = parts["source"].to_pylist()
         reasons = [f"duplicate id (same as {first_sources[first_of_id[i]]})" for i in taken["id"].to_pylist()]
-        return pa.table(
-            {"id": taken["id"], "text": taken["text"], "source": taken["source"], "reject_reason": pa.array(reasons)}
-        )
+        return taken.select(list(REJECT_COLUMNS[:-1])).append_column("reject_reason", pa.array(reasons, pa.string()))
 
     def _read_all(self, sub: str) -> pa.Table | None:
         files = self._part_files(sub)
@@ -330,7 +333,7 @@ def _staging_name(path: str) -> str:
 
 
 def _empty_rejects() -> pa.Table:
-    return pa.table({name: pa.array([], type=pa.string()) for name in ("id", "text", "source", "reject_reason")})
+    return pa.table({name: pa.array([], type=pa.string()) for name in REJECT_COLUMNS})
 
 
 def read_labels(cfg: Config, ids: set[str] | None = None) -> pa.Table:

@@ -155,7 +155,7 @@ def test_a_teacher_node_killed_mid_labeling_loses_and_duplicates_nothing(ray_clu
     doomed = ray_cluster.start_node({"doomed_node": 1})
     labeling, result, parts = label_in_background(cfg)
     wait_for_parts(parts, 3, labeling, before="the kill")
-    labeled_before_the_kill = len(PseudoLabelStore(cfg).stored_sources())
+    labeled_before_the_kill = len(PseudoLabelStore(cfg).stored_keys())
     os.kill(raylet_pid(doomed), signal.SIGKILL)  # the node dies with its teacher actor, mid-stream
     assert labeled_before_the_kill < 240, "every row was labeled before the node died: nothing was tested"
     replacement = ray_cluster.start_node({"doomed_node": 1})  # what the autoscaler does for a lost node

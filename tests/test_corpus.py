@@ -150,7 +150,7 @@ def test_a_csv_field_longer_than_pythons_default_limit_is_read():
 def test_a_file_that_cannot_be_decompressed_is_rejected_as_a_unit_and_the_rest_read(tmp_path):
     import gzip
 
-    from llkd_ray.corpus import _file_rows, list_files
+    from llkd_ray.corpus import list_files, read_file_rows
 
     good = gzip.compress(b'{"text": "first"}\n{"text": "second"}\n')
     (tmp_path / "a_good.jsonl.gz").write_bytes(good)
@@ -159,7 +159,8 @@ def test_a_file_that_cannot_be_decompressed_is_rejected_as_a_unit_and_the_rest_r
     (tmp_path / ".hidden.jsonl").write_text('{"text": "not a corpus file"}\n')
     paths = list_files(str(tmp_path))
     assert [Path(p).name for p in paths] == ["a_good.jsonl.gz", "b_broken.jsonl.gz", "c_cut.jsonl.gz"]
-    rows = _file_rows(pa.table({"path": paths}), CorpusConfig(), source=str(tmp_path)).to_pylist()
+    blocks = read_file_rows(pa.table({"path": paths}), CorpusConfig(), source=str(tmp_path))
+    rows = pa.concat_tables(blocks).to_pylist()
     assert [(r["text"], r["reject_reason"]) for r in rows[:2]] == [("first", None), ("second", None)]
     broken = [r for r in rows if "b_broken" in r["source"]]
     assert len(broken) == 1 and broken[0]["source"].endswith("b_broken.jsonl.gz:file")
@@ -173,3 +174,85 @@ def test_a_lone_surrogate_from_a_json_escape_is_rejected_not_raised():
     assert rows[0]["reject_reason"] == "undecodable bytes (not UTF-8)" and "\ufffd" in rows[0]["text"]
     assert rows[0]["text"].encode("utf-8")  # storable
     assert (rows[1]["text"], rows[1]["reject_reason"]) == ("next", None)
+
+
+def _read_all(path: Path, **cfg) -> list[dict]:
+    from llkd_ray.corpus import read_file_rows
+
+    blocks = read_file_rows(pa.table({"path": [str(path)]}), CorpusConfig(**cfg), source=str(path))
+    return [row for block in blocks for row in block.to_pylist()]
+
+
+def test_a_large_compressed_file_is_streamed_in_bounded_memory(tmp_path):
+    """40 MB of JSONL in a .gz file: the reader's peak allocation stays a small fraction of the file."""
+    import gzip
+    import tracemalloc
+
+    line = (json.dumps({"text": "a review " + "x" * 1000}) + "\n").encode()
+    rows = 40_000
+    path = tmp_path / "big.jsonl.gz"
+    with gzip.open(path, "wb", compresslevel=1) as handle:
+        for _ in range(rows // 1000):
+            handle.write(line * 1000)
+    tracemalloc.start()
+    try:
+        from llkd_ray.corpus import read_file_rows
+
+        count = 0
+        blocks = read_file_rows(pa.table({"path": [str(path)]}), CorpusConfig(rows_per_block=256), source=str(path))
+        for block in blocks:
+            count += block.num_rows
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == rows
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB while reading {len(line) * rows / 2**20:.0f} MiB"
+
+
+def test_a_line_over_the_row_limit_is_rejected_without_being_held_whole(tmp_path, monkeypatch):
+    import gzip
+    import tracemalloc
+
+    import llkd_ray.corpus as corpus
+
+    monkeypatch.setattr(corpus, "MAX_ROW_CHARS", 2**20)
+    path = tmp_path / "no_newlines.jsonl.gz"
+    with gzip.open(path, "wb", compresslevel=1) as handle:
+        handle.write(b'{"text": "before"}\n{"text": "')
+        for _ in range(30):
+            handle.write(b"y" * 2**20)  # a 30 MiB line
+        handle.write(b'"}\n{"text": "after"}\n')
+    tracemalloc.start()
+    try:
+        rows = _read_all(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [(r["text"][:6], r["reject_reason"]) for r in rows] == [
+        ("before", None),
+        ('{"text', "row longer than 1,048,576 characters (corpus rows are read whole; split the file's rows)"),
+        ("after", None),
+    ]
+    assert [r["source"].rsplit(":", 1)[1] for r in rows] == ["1", "2", "3"]
+    assert peak < 12 * 2**20, f"peak {peak / 2**20:.1f} MiB for a 30 MiB line"
+
+    csv_path = tmp_path / "long.csv"
+    csv_path.write_bytes(b"text\nfirst\n" + b"z" * (3 * 2**20) + b"\nlast\n")
+    csv_rows = _read_all(csv_path)
+    assert [r["reject_reason"] is None for r in csv_rows] == [True, False, True]
+    assert [r["source"].rsplit(":", 1)[1] for r in csv_rows] == ["2", "3", "4"]
+
+
+def test_keys_and_reject_ids_are_stable_when_a_line_is_inserted(tmp_path):
+    lines = [json.dumps({"text": t}) for t in ["a", "b", "c", "b", None]]  # a duplicate text, and a reject
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    old = _read_all(path)
+    path.write_text("\n".join([json.dumps({"text": "new"}), *lines, "{broken"]) + "\n")  # edited in place
+    new = _read_all(path)
+    old_keys = [r["key"] for r in old]
+    assert len(set(old_keys)) == 5  # identical rows still get one key per copy
+    new_by_key = {r["key"]: r for r in new}
+    assert set(old_keys) <= set(new_by_key) and len(new_by_key) == 7  # only the two new rows have new keys
+    assert all(new_by_key[r["key"]]["source"] != r["source"] for r in old)  # while every source shifted
+    assert all(new_by_key[r["key"]]["id"] == r["id"] for r in old)  # the reject's id included

@@ -106,7 +106,7 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(ray_cluster, tmp_
         run_labeling(cfg)
     os.killpg(driver.pid, signal.SIGKILL)  # the lock dies with its holder
     driver.wait()
-    already = PseudoLabelStore(cfg).stored_sources()
+    already = PseudoLabelStore(cfg).stored_keys()
     assert 0 < len(already) < len(records)
 
     summary = run_labeling(cfg)
@@ -181,7 +181,7 @@ def test_ten_thousand_hostile_rows_end_labeled_or_rejected_with_a_reason(ray_clu
         "no 'text' field",
         "undecodable bytes",
         "more fields than the header",
-        "field larger than field limit",
+        "row longer than",  # the 17 MiB CSV line, skipped without being held whole
         "unreadable file: BadGzipFile",
         "duplicate id",
     ):
@@ -189,3 +189,59 @@ def test_ten_thousand_hostile_rows_end_labeled_or_rejected_with_a_reason(ray_clu
     labels = pq.read_table(summary.labels_path, columns=["text", "truncated"]).to_pylist()
     assert sum(row["truncated"] for row in labels) == 1  # the 10 MB row, cut before it was tokenized
     assert sum("\u2028" in row["text"] for row in labels) == 5  # line separators stayed inside their texts
+
+
+KILL_IN_FINALIZE = """
+import os, signal, sys
+import yaml
+from llkd_ray.config import config_from_dict
+from llkd_ray.labeling import run_labeling
+from llkd_ray.pseudo_label_store import PseudoLabelStore
+
+target = sys.argv[2]
+real_write = PseudoLabelStore._write_atomically
+
+def write_then_die(self, table, path):
+    if path.endswith(target):
+        real_write(self, table, path)  # labels.parquet lands, and the process dies before anything after it
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_write(self, table, path)
+
+PseudoLabelStore._write_atomically = write_then_die
+run_labeling(config_from_dict(yaml.safe_load(open(sys.argv[1]))))
+"""
+
+
+def test_sigkill_during_finalize_then_an_inserted_line_resume_with_exact_accounting(ray_cluster, tmp_path):
+    rows = load_rotten_tomatoes(seed=11, limit=41).to_pylist()
+    records = [{"text": row["text"]} for row in rows[:40]] + [{"text": rows[0]["text"]}, {"text": None}]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", records)
+    cfg = make_config(
+        corpus={"source": str(corpus), "rows_per_block": 16},
+        teacher={"backend": "transformers", "batch_size": 8},
+        store={"path": str(tmp_path / "store"), "rows_per_part": 8},
+    )
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump()))
+    root = Path(PseudoLabelStore(cfg).root)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_IN_FINALIZE, str(config_file), "labels.parquet"], cwd=ROOT, env=env, check=False
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert (root / "labels.parquet").exists() and not (root / "manifest.json").exists()  # killed mid-finalize
+
+    summary = run_labeling(cfg)  # resumes: nothing is labeled again, and the accounting is exact
+    assert (summary.resumed_rows, summary.labeled_this_run, summary.rejected_this_run) == (42, 0, 0)
+    assert (summary.rows, summary.labeled, summary.rejected, summary.duplicates) == (42, 40, 2, 1)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["counts"]["rows"] == 42
+
+    # A line inserted at the top shifts every file:line after it; resume goes by content, so only it is new.
+    new_text = rows[40]["text"]
+    corpus.write_text(json.dumps({"text": new_text}) + "\n" + corpus.read_text())
+    again = run_labeling(cfg)
+    assert (again.resumed_rows, again.labeled_this_run, again.rejected_this_run) == (42, 1, 0)
+    assert (again.rows, again.labeled, again.rejected, again.duplicates) == (43, 41, 2, 1)
+    labels = pq.read_table(again.labels_path).to_pylist()
+    assert sorted(row["text"] for row in labels) == sorted({r["text"] for r in records[:40]} | {new_text})

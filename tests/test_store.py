@@ -53,7 +53,9 @@ def test_new_weights_under_the_same_path_and_config_get_a_new_fingerprint(tmp_pa
 
 def scored(rows):
     full = [
-        {"gold": None, "reject_reason": None, "probs_raw": None, "label_mass": None, "truncated": False} | row
+        {"gold": None, "reject_reason": None, "probs_raw": None, "label_mass": None, "truncated": False}
+        | {"key": f"key-{row['source']}"}  # the resume key (corpus.keyed_rows); here one per source
+        | row
         for row in rows
     ]
     return pa.Table.from_pylist(full, schema=SCORED_SCHEMA)
@@ -62,7 +64,7 @@ def scored(rows):
 def test_commit_resume_and_finalize_account_for_every_row(tmp_path):
     cfg = make_config(store={"path": str(tmp_path / "store")})
     store = PseudoLabelStore(cfg)
-    assert store.stored_sources() == set()
+    assert store.stored_keys() == set()
     assert store.commit(
         scored(
             [
@@ -97,7 +99,7 @@ def test_commit_resume_and_finalize_account_for_every_row(tmp_path):
     root = tmp_path / "store" / f"teacher-{teacher_fingerprint(cfg)}"
     (root / "parts" / "part-999-broken.parquet").write_bytes(b"PAR1junk")
     reopened = PseudoLabelStore(cfg)
-    assert reopened.stored_sources() == {"f:1", "f:2", "f:3", "f:4", "f:5"}
+    assert reopened.stored_keys() == {f"key-f:{n}" for n in range(1, 6)}
     assert (root / "corrupt" / "part-999-broken.parquet").read_bytes() == b"PAR1junk"
     assert not (root / "parts" / "part-999-broken.parquet").exists()
 
@@ -168,10 +170,10 @@ def test_a_transient_read_error_deletes_no_part(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store_module.pq, "read_table", flaky)
     with pytest.raises(OSError, match="NETWORK_CONNECTION"):
-        PseudoLabelStore(cfg).stored_sources()
+        PseudoLabelStore(cfg).stored_keys()
     monkeypatch.setattr(store_module.pq, "read_table", real_read)
     assert sorted((tmp_path / "store").rglob("part-*.parquet")) == parts
-    assert PseudoLabelStore(cfg).stored_sources() == {"f:1"}
+    assert PseudoLabelStore(cfg).stored_keys() == {"key-f:1"}
 
 
 def test_a_second_writer_is_refused_and_told_who_holds_the_store(tmp_path):
