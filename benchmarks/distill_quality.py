@@ -1,36 +1,115 @@
-"""Distillation quality: LLKD vs every baseline selector, on the same teacher labels, seeds and trainer.
+"""Distillation quality: every selector against LLKD, on the same teacher labels, trainer, seeds and step budget.
 
-For each dataset the teacher labels the corpus once (the store is reused across runs of this script); then every
-selector trains the same student with the same seeds through the same Ray Train loop, and all are evaluated on
-the same gold-labelled holdout. Prints macro-F1 of the teacher and of each selector's student (mean ± std over
-seeds) and the fraction of the pool each student ever trained on, and a `gold_labels` row: the same student
-trained on the pool's gold labels, the most it can reach on that pool.
+Datasets are YAML files under benchmarks/datasets/ (one per dataset: where its rows are, how to read them, the
+task's prompt and how many rows to take); none is hard-coded here, and a user can add their own. For each one:
 
-    python benchmarks/distill_quality.py                                  # embedded default + AG News
-    python benchmarks/distill_quality.py --datasets rotten_tomatoes --seeds 0 1 2
-    python benchmarks/distill_quality.py store.path=runs/pseudo_labels --seeds 0   # overrides before the options
-Goals on the embedded default: LLKD ≥ teacher + 3 points and ≥ `all` + 2 points, using ≤ 30% of the pool.
-A run already finished under the same name (dataset, selector, seed) is resumed from its last checkpoint and
-only evaluated again, so a long matrix can be filled in over several invocations.
+1. its rows are read into a JSONL corpus (``--work``/corpora), shuffled with a fixed seed and cut to ``limit``;
+2. the teacher labels it once (the label store is reused across invocations);
+3. the gold-labelled rows held out of the pool are split, by a fixed hash, into **dev** and **test**. Every
+   default is chosen on dev; the README reports test;
+4. every selector (and the ``gold_labels`` ceiling: ``all`` on the pool's gold labels) trains the student with
+   every seed, through the same Ray Train loop and optimizer-step budget, and is scored on dev and test.
+
+Each finished run is stored under ``--work``/results/<fingerprint>.json, where the fingerprint covers the code
+of llkd_ray/, the resolved config and the dataset file: an interrupted matrix resumes where it stopped, and a
+changed recipe never reuses a stale result. Prints per dataset × selector the test macro-F1 (mean and 95% CI over
+seeds), dev macro-F1, pool fraction used and optimizer steps, then LLKD − best baseline (best on dev) as a paired
+difference with its CI. Writes benchmarks/results/distill_quality.json and a plot of F1 against pool fraction.
+
+    python benchmarks/distill_quality.py                                     # every dataset, seeds 0 1 2
+    python benchmarks/distill_quality.py --datasets trec sms_spam --seeds 0 1 2 3 4
+    python benchmarks/distill_quality.py --selectors llkd all training.epochs=4   # overrides for every run
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
 import json
 import os
+import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-STRATEGIES = ["llkd", "all", "random", "teacher_confidence", "student_uncertainty", "fixed_ratio"]
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+DATASETS = Path(__file__).resolve().parent / "datasets"
+RESULTS = Path(__file__).resolve().parent / "results"
 # Not a selector: `all` trained on the pool's gold labels, what this student can reach on this pool with perfect
 # labels. It tells whether a goal above the teacher is within the student's reach at all.
 GOLD_CEILING = "gold_labels"
+DEV_FRACTION = 0.5  # of the held-out gold rows; the rest is test
+
+
+# ---- datasets -----------------------------------------------------------------------------------------------------
+def read_rows(spec: dict) -> list[dict]:
+    """{"text", "label"} rows of a dataset file as its YAML describes it."""
+    gold_map = {str(k): v for k, v in (spec.get("gold_map") or {}).items()}
+    rows = []
+    for name in spec.get("files", []):
+        path = SHARED / name
+        if not path.exists():
+            raise SystemExit(f"{spec['name']}: {path} not found (benchmarks read ../shared/data)")
+        for text, label in _records(spec, path):
+            rows.append({"text": text, "label": gold_map.get(str(label), str(label))})
+    return rows
+
+
+def _records(spec: dict, path: Path):
+    reader = spec["reader"]
+    if reader == "jsonl":
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                yield record[spec["text_field"]], record[spec["label_field"]]
+    elif reader == "csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            for record in csv.DictReader(handle):
+                yield record[spec["text_field"]], record[spec["label_field"]]
+    elif reader == "trec_lines":
+        for line in path.read_bytes().decode("latin-1").splitlines():
+            label, _, text = line.partition(" ")
+            yield text, label.split(":")[0]
+    elif reader == "sms_tsv":
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            label, _, text = line.partition("\t") if "\t" in line else line.partition(" ")
+            yield text.strip(), label.strip()
+    else:
+        raise SystemExit(f"{spec['name']}: unknown reader {reader!r}")
+
+
+def corpus_overrides(spec: dict, work: Path) -> list[str]:
+    """Config overrides that point the pipeline at this dataset (the builtin one needs none)."""
+    overrides = [f"store.path={work}/pseudo_labels", f"evaluation.holdout={HELD_OUT}"]
+    if spec["reader"] == "builtin":
+        return overrides + [f"corpus.limit={spec['limit']}"]
+    rows = [row for row in read_rows(spec) if row["text"].strip()]
+    random.Random(0).shuffle(rows)
+    corpus = work / "corpora" / f"{spec['name']}.jsonl"
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    content = "".join(json.dumps(row) + "\n" for row in rows[: spec["limit"]])
+    if not corpus.exists() or corpus.read_text() != content:
+        corpus.write_text(content)
+    source = {"source": str(corpus), "gold_column": "label", "limit": None}
+    return overrides + [f"corpus={json.dumps(source)}", f"task={json.dumps(spec['task'])}"]
+
+
+HELD_OUT = 600  # gold-labelled rows kept out of the pool: dev + test
+
+
+def split_dev_test(holdout):
+    """(dev, test): the held-out rows split by a hash of their id (fixed, independent of order and seed)."""
+    keys = [hashlib.sha256(f"dev-test:{row_id}".encode()).digest()[0] / 256 for row_id in holdout["id"].to_pylist()]
+    dev = [i for i, key in enumerate(keys) if key < DEV_FRACTION]
+    test = [i for i, key in enumerate(keys) if key >= DEV_FRACTION]
+    return holdout.take(dev), holdout.take(test)
 
 
 def with_gold_labels(pool):
@@ -43,127 +122,214 @@ def with_gold_labels(pool):
     probs = np.eye(len(pool["teacher_probs"][0]), dtype=np.float32)[labels]
     probs = np.where((gold >= 0)[:, None], probs, np.asarray(pool["teacher_probs"].to_pylist(), dtype=np.float32))
     pool = pool.set_column(
-        pool.schema.get_field_index("teacher_probs"),
-        "teacher_probs",
-        pa.array(probs.tolist(), type=pa.list_(pa.float32())),
+        pool.schema.get_field_index("teacher_probs"), "teacher_probs", pa.array(probs.tolist(), pa.list_(pa.float32()))
     )
-    return pool.set_column(
-        pool.schema.get_field_index("teacher_label"), "teacher_label", pa.array(labels, type=pa.int32())
-    )
+    return pool.set_column(pool.schema.get_field_index("teacher_label"), "teacher_label", pa.array(labels, pa.int32()))
 
 
-def dataset_overrides(name: str, work: Path) -> list[str]:
-    store = [f"store.path={work}/pseudo_labels"]
-    if name == "rotten_tomatoes":
-        return store  # the embedded default, as `llkd run` uses it
-    if name == "ag_news":
-        task = {
-            "instruction": "Classify the topic of each news article.",
-            "text_prefix": "Article: ",
-            "answer_prefix": "Topic:",
-            "labels": [{"name": "world"}, {"name": "sports"}, {"name": "business"}, {"name": "science"}],
-            "examples": [
-                {"text": "Leaders of both nations met in Geneva to discuss the ceasefire.", "label": "world"},
-                {"text": "The striker scored twice as the home side won the cup final.", "label": "sports"},
-                {"text": "Shares fell after the company cut its profit forecast.", "label": "business"},
-                {"text": "Researchers unveiled a faster chip that uses less power.", "label": "science"},
-            ],
-        }
-        corpus = {
-            "source": str(SHARED / "ag_news" / "test.csv"),
-            "text_column": "description",
-            "gold_column": "label",
-            "gold_map": {"1": "world", "2": "sports", "3": "business", "4": "science"},
-            "limit": 3000,
-        }  # labelled in ~5 min; the embedded default has 5,000
-        return store + [f"task={json.dumps(task)}", f"corpus={json.dumps(corpus)}"]
-    raise SystemExit(f"unknown dataset {name}")
+# ---- statistics ----------------------------------------------------------------------------------------------------
+def mean_ci(values) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student's t over seeds)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean()), float(half)
+
+
+def code_fingerprint() -> str:
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "llkd_ray").rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".yaml"):
+            digest.update(path.relative_to(ROOT).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# ---- the matrix ----------------------------------------------------------------------------------------------------
+def run_one(spec, base, pool, dev, test, selector: str, seed: int, work: Path, code: str) -> dict:
+    from llkd_ray.config import load_config
+    from llkd_ray.evaluation import evaluate
+    from llkd_ray.training import steps_per_epoch, train_student
+
+    ceiling = selector == GOLD_CEILING
+    overrides = base + [
+        f"selection.strategy={'all' if ceiling else selector}",
+        f"selection.seed={seed}",
+        f"training.seed={seed}",
+        f"training.storage_path={work}/ray_results",
+        f"output.dir={work}/runs",
+        "training.strategy=ddp",
+    ]
+    cfg = load_config(None, overrides)
+    fingerprint = hashlib.sha256(
+        json.dumps([code, cfg.model_dump(mode="json"), spec, selector, seed], sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+    result_file = work / "results" / f"{fingerprint}.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    name = f"{spec['name']}-{selector}-seed{seed}-{fingerprint[:8]}"
+    cfg = load_config(None, overrides + [f"output.name={name}"])
+    started = time.time()
+    trained = train_student(cfg, with_gold_labels(pool) if ceiling else pool, dev, work / "runs" / name)
+    names = cfg.task.label_names
+    dev_report = evaluate(trained.student_dir, dev, names, cfg.student.max_length)
+    test_report = evaluate(trained.student_dir, test, names, cfg.student.max_length)
+    result = {
+        "dataset": spec["name"],
+        "selector": selector,
+        "seed": seed,
+        "test_macro_f1": test_report["student"]["macro_f1"],
+        "dev_macro_f1": dev_report["student"]["macro_f1"],
+        "teacher_test_macro_f1": test_report["teacher"]["macro_f1"],
+        "teacher_dev_macro_f1": dev_report["teacher"]["macro_f1"],
+        "pool_fraction": len(trained.used_pool_indices) / pool.num_rows,
+        "steps": steps_per_epoch(cfg.training, pool.num_rows) * cfg.training.epochs,
+        "dev_f1_by_epoch": [h.get("eval_macro_f1") for h in trained.history],
+        "selected_by_epoch": [h["selected"] for h in trained.history],
+        "seconds": round(time.time() - started, 1),
+        "fingerprint": fingerprint,
+    }
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def summarise(results: list[dict], selectors: list[str]) -> dict:
+    summary: dict = {"datasets": {}, "average": {}}
+    by_dataset: dict[str, list[dict]] = {}
+    for result in results:
+        by_dataset.setdefault(result["dataset"], []).append(result)
+    for dataset, rows in by_dataset.items():
+        entry = {"teacher_test_macro_f1": rows[0]["teacher_test_macro_f1"], "selectors": {}}
+        for selector in selectors:
+            mine = sorted((r for r in rows if r["selector"] == selector), key=lambda r: r["seed"])
+            if not mine:
+                continue
+            test_mean, test_ci = mean_ci([r["test_macro_f1"] for r in mine])
+            entry["selectors"][selector] = {
+                "test_macro_f1": test_mean,
+                "test_ci95": test_ci,
+                "dev_macro_f1": float(np.mean([r["dev_macro_f1"] for r in mine])),
+                "pool_fraction": float(np.mean([r["pool_fraction"] for r in mine])),
+                "steps": mine[0]["steps"],
+                "seeds": [r["seed"] for r in mine],
+                "test_by_seed": {r["seed"]: r["test_macro_f1"] for r in mine},
+            }
+        baselines = {k: v for k, v in entry["selectors"].items() if k not in ("llkd", GOLD_CEILING)}
+        if "llkd" in entry["selectors"] and baselines:
+            best = max(baselines, key=lambda k: baselines[k]["dev_macro_f1"])  # chosen on dev
+            llkd, other = entry["selectors"]["llkd"]["test_by_seed"], baselines[best]["test_by_seed"]
+            paired = [llkd[s] - other[s] for s in llkd if s in other]
+            diff, ci = mean_ci(paired) if paired else (float("nan"), float("nan"))
+            entry["llkd_minus_best_baseline"] = {"baseline": best, "test_difference": diff, "ci95": ci}
+        summary["datasets"][dataset] = entry
+    for selector in selectors:
+        values = [
+            d["selectors"][selector]["test_macro_f1"]
+            for d in summary["datasets"].values()
+            if selector in d["selectors"]
+        ]
+        if values:
+            summary["average"][selector] = float(np.mean(values))
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\n{'dataset':<16}{'selector':<21}{'test macro-F1':>20}{'dev':>8}{'pool used':>11}{'steps':>7}")
+    for dataset, entry in summary["datasets"].items():
+        print(f"{dataset:<16}{'teacher':<21}{entry['teacher_test_macro_f1']:>20.3f}")
+        for selector, s in entry["selectors"].items():
+            ci = "" if np.isnan(s["test_ci95"]) else f" ± {s['test_ci95']:.3f}"
+            print(
+                f"{'':<16}{selector:<21}{s['test_macro_f1']:>12.3f}{ci:>8}{s['dev_macro_f1']:>8.3f}"
+                f"{s['pool_fraction']:>10.1%}{s['steps']:>7}"
+            )
+        if "llkd_minus_best_baseline" in entry:
+            d = entry["llkd_minus_best_baseline"]
+            print(
+                f"{'':<16}LLKD - {d['baseline']} (best on dev): {100 * d['test_difference']:+.1f} points"
+                f" (95% CI ± {100 * d['ci95']:.1f}, paired over seeds)"
+            )
+    print("\naverage test macro-F1 over datasets: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["average"].items()))
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(summary["datasets"])
+    figure, axes = plt.subplots(1, len(datasets), figsize=(4 * len(datasets), 3.6), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets):
+        entry = summary["datasets"][dataset]
+        for selector, s in entry["selectors"].items():
+            axis.errorbar(
+                s["pool_fraction"], s["test_macro_f1"], yerr=np.nan_to_num(s["test_ci95"]), fmt="o", label=selector
+            )
+        axis.axhline(entry["teacher_test_macro_f1"], color="grey", linestyle="--", label="teacher")
+        axis.set(title=dataset, xlabel="fraction of the pool used", ylabel="test macro-F1")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def main() -> None:
+    from llkd_ray.selection import SELECTORS
+
+    available = sorted(p.stem for p in DATASETS.glob("*.yaml"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=["rotten_tomatoes", "ag_news"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument(
-        "--strategies",
-        nargs="+",
-        default=STRATEGIES + [GOLD_CEILING],
-        help=f"selectors to run; {GOLD_CEILING} trains `all` on gold labels (the ceiling)",
-    )
-    parser.add_argument("--work", default="runs/bench_distill", help="stores, checkpoints and run directories")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        help="config overrides for every run, e.g. training.epochs=6 (before --seeds/--datasets)",
-    )
+    parser.add_argument("--datasets", nargs="+", default=available, choices=available)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--selectors", nargs="+", default=[*SELECTORS, GOLD_CEILING])
+    parser.add_argument("--work", default="runs/bench_distill", help="corpora, stores, checkpoints and results")
+    parser.add_argument("--out", default=str(RESULTS / "distill_quality.json"))
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. training.epochs=6")
     args = parser.parse_args()
 
     import ray
 
     from llkd_ray.config import load_config
     from llkd_ray.corpus import corpus_ids
-    from llkd_ray.evaluation import evaluate
     from llkd_ray.labeling import run_labeling
     from llkd_ray.pseudo_label_store import read_labels
-    from llkd_ray.training import split_pool_and_holdout, train_student
+    from llkd_ray.training import split_pool_and_holdout
 
     work = Path(args.work).resolve()
-    ray.init(num_cpus=os.cpu_count())
-    rows = []
+    code = code_fingerprint()
+    ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
+    results = []
     for dataset in args.datasets:
-        base = dataset_overrides(dataset, work) + list(args.overrides)
+        spec = yaml.safe_load((DATASETS / f"{dataset}.yaml").read_text())
+        base = corpus_overrides(spec, work) + list(args.overrides)
         cfg = load_config(None, base)
         run_labeling(cfg)
         pool, holdout = split_pool_and_holdout(read_labels(cfg, ids=corpus_ids(cfg.corpus)), cfg)
-        results: dict[str, list[tuple[float, float]]] = {}
-        teacher_f1 = None
+        dev, test = split_dev_test(holdout)
+        print(f"[bench] {dataset}: pool {pool.num_rows}, dev {dev.num_rows}, test {test.num_rows}", flush=True)
         for seed in args.seeds:
-            for strategy in args.strategies:
-                started = time.time()
-                name = f"{dataset}-{strategy}-seed{seed}"
-                ceiling = strategy == GOLD_CEILING
-                run_cfg = load_config(
-                    None,
-                    base
-                    + [
-                        f"selection.strategy={'all' if ceiling else strategy}",
-                        f"selection.seed={seed}",
-                        f"training.seed={seed}",
-                        f"training.storage_path={work}/ray_results",
-                        f"output.name={name}",
-                        f"output.dir={work}/runs",
-                        "training.strategy=ddp",
-                    ],
-                )
-                trained = train_student(
-                    run_cfg, with_gold_labels(pool) if ceiling else pool, holdout, work / "runs" / name
-                )
-                report = evaluate(trained.student_dir, holdout, run_cfg.task.label_names, run_cfg.student.max_length)
-                teacher_f1 = report["teacher"]["macro_f1"]
-                used = len(trained.used_pool_indices) / pool.num_rows
-                results.setdefault(strategy, []).append((report["student"]["macro_f1"], used))
+            for selector in args.selectors:
+                result = run_one(spec, base, pool, dev, test, selector, seed, work, code)
+                results.append(result)
                 print(
-                    f"[bench] {name}: student macro-F1 {report['student']['macro_f1']:.3f}"
-                    f" (teacher {teacher_f1:.3f}), pool used {used:.1%}, {time.time() - started:.0f} s",
+                    f"[bench] {dataset} {selector} seed {seed}: test {result['test_macro_f1']:.3f},"
+                    f" dev {result['dev_macro_f1']:.3f} (teacher {result['teacher_test_macro_f1']:.3f}),"
+                    f" pool used {result['pool_fraction']:.1%}, {result['seconds']:.0f} s",
                     flush=True,
                 )
-        rows.append((dataset, pool.num_rows, holdout.num_rows, teacher_f1, results))
     ray.shutdown()
-
-    print(f"\nseeds {args.seeds}; macro-F1 on the gold-labelled holdout (mean ± std over seeds)")
-    print(f"{'dataset':<17}{'selector':<21}{'macro-F1':>16}{'pool used':>11}")
-    for dataset, pool_size, holdout_size, teacher_f1, results in rows:
-        print(f"{dataset:<17}{'teacher':<21}{teacher_f1:>16.3f}{'':>11}   (pool {pool_size}, holdout {holdout_size})")
-        for strategy, values in results.items():
-            f1 = np.array([v[0] for v in values])
-            used = np.mean([v[1] for v in values])
-            print(f"{'':<17}{strategy:<21}{f1.mean():>10.3f} ± {f1.std():.3f}{used:>10.1%}")
-        if "llkd" in results and "all" in results:
-            llkd = np.mean([v[0] for v in results["llkd"]])
-            print(
-                f"{'':<17}LLKD - teacher: {100 * (llkd - teacher_f1):+.1f} points;"
-                f" LLKD - all: {100 * (llkd - np.mean([v[0] for v in results['all']])):+.1f} points"
-            )
+    summary = summarise(results, args.selectors)
+    summary["machine"] = f"{os.cpu_count()} CPU cores, {sys.platform}"
+    summary["code_fingerprint"] = code
+    summary["runs"] = results
+    print_summary(summary)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    plot(summary, out.with_suffix(".png"))
+    print(f"\nresults: {out}, plot: {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -160,7 +160,10 @@ class StudentConfig(_Section):
 class SelectionConfig(_Section):
     """Which pseudo-labeled samples the student trains on each epoch (formulas in llkd_ray/selection.py)."""
 
-    strategy: Literal["llkd", "all", "random", "teacher_confidence", "student_uncertainty", "fixed_ratio"] = "llkd"
+    # The registry of selectors is llkd_ray.selection.SELECTORS (a test keeps this list equal to it).
+    strategy: Literal[
+        "llkd", "llkd_soft", "all", "random", "teacher_confidence", "student_uncertainty", "fixed_ratio"
+    ] = "llkd"
     momentum: float = Field(default=0.5, ge=0, lt=1)  # λ of the threshold moving averages, per epoch
     warmup_epochs: int = Field(default=1, ge=0)  # epochs that use the teacher criterion only
     # The global statistic behind τ^T / τ^S: None is the mean (FreeMatch); a quantile in (0, 1) is a stricter or
@@ -172,6 +175,9 @@ class SelectionConfig(_Section):
     student_quantile: float | None = Field(default=0.5, gt=0, lt=1)
     # Each class keeps its share of the loss among the teacher-confident samples (see selection.py).
     balance_classes: bool = True
+    # No epoch trains on a handful of samples: LLKD's selection is topped up to this fraction of the pool from the
+    # teacher-confident samples, by c·u (with the fixed step budget a tiny selection would be repeated many times).
+    min_fraction: float = Field(default=0.1, ge=0, le=1)
     fraction: float = Field(default=0.3, gt=0, le=1)  # fixed_ratio: fraction of each class kept
     teacher_confidence_threshold: float | None = Field(default=None, ge=0, le=1)  # teacher_confidence baseline
     seed: int = 0
@@ -192,8 +198,20 @@ class TrainingConfig(_Section):
     torch_threads: int | None = Field(default=None, gt=0)
     epochs: int = Field(default=6, ge=1)
     batch_size: int = Field(default=32, gt=0)  # per worker
-    learning_rate: float = Field(default=5e-5, gt=0)
+    # One recipe for every selector: each epoch takes the same number of optimizer steps, drawn from the epoch's
+    # selection (cycled when it is small), so selectors differ only in which samples they train on. None: enough
+    # steps for epoch_fraction of the pool, ceil(epoch_fraction · pool / (batch_size · num_workers)).
+    steps_per_epoch: int | None = Field(default=None, gt=0)
+    epoch_fraction: float = Field(default=0.25, gt=0)
+    learning_rate: float = Field(default=5e-5, gt=0)  # the peak of the schedule
+    # Warm-up over warmup_ratio of the run's steps, then decay to 0 at the last step (or stay: constant).
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     weight_decay: float = Field(default=0.01, ge=0)
+    # Loss: (1 - a)·CE(student, teacher label) + a·T²·KL(teacher^(1/T) ‖ student/T), a = soft_label_weight,
+    # T = distill_temperature, each sample weighted by its selection weight. 0 is the hard-label loss alone.
+    soft_label_weight: float = Field(default=0.0, ge=0, le=1)
+    distill_temperature: float = Field(default=2.0, gt=0)
     seed: int = 0
     storage_path: str = "runs/ray_results"  # Ray Train storage: local path or s3://, gs://, a shared mount
     max_failures: int = Field(default=1, ge=0)  # worker-group restarts from the latest checkpoint

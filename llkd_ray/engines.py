@@ -1,6 +1,6 @@
 """The two ways a student's weights are updated: DeepSpeed (ZeRO 0-3) and PyTorch DDP.
 
-Both expose the same five operations to the training loop, so the loop itself has no strategy branches.
+Both expose the same operations to the training loop, so the loop itself has no strategy branches.
 The device is configuration: CPU here (DeepSpeed's CPU accelerator over gloo, fp32), GPUs on a cluster (bf16).
 """
 
@@ -81,6 +81,10 @@ class DeepSpeedEngine:
         self.engine.backward(loss)
         self.engine.step()
 
+    def set_learning_rate(self, value: float) -> None:
+        for group in self.engine.optimizer.param_groups:  # what DeepSpeed's own LR schedulers set
+            group["lr"] = value
+
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
@@ -117,6 +121,10 @@ class DDPEngine:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
+
+    def set_learning_rate(self, value: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)

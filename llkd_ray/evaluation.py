@@ -51,3 +51,27 @@ def evaluate(student_dir: Path, holdout: pa.Table, label_names: list[str], max_l
         "student": classification_report(gold, student, label_names),
         "teacher": classification_report(gold, teacher, label_names),
     }
+
+
+def directory_megabytes(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+def student_profile(student_dir: Path, texts: list[str], max_length: int) -> dict:
+    """What the student costs to run: parameters, size on disk, and texts/s on this machine (warmed up, batches of
+    32, on up to 512 of ``texts``)."""
+    import time
+
+    from llkd_ray.student import predict_probs
+
+    network, tokenizer = load_exported_student(student_dir)
+    sample = texts[:512]
+    predict_probs(network, tokenizer, sample[:32], max_length)  # warm-up
+    started = time.perf_counter()
+    predict_probs(network, tokenizer, sample, max_length)
+    seconds = time.perf_counter() - started
+    return {
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "megabytes": round(directory_megabytes(student_dir), 1),
+        "texts_per_second": round(len(sample) / seconds, 1) if sample else None,
+    }

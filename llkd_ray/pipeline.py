@@ -24,6 +24,9 @@ from llkd_ray.config import Config
 logger = logging.getLogger(__name__)
 
 
+LABELING_STAGE = "labeling (Ray start, teacher load, scoring)"
+
+
 class StageClock:
     """Wall time per stage of a run, for the report's breakdown."""
 
@@ -47,11 +50,11 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
 
     from llkd_ray import plots
     from llkd_ray.corpus import corpus_ids
-    from llkd_ray.evaluation import evaluate, teacher_confidence_quality
+    from llkd_ray.evaluation import evaluate, student_profile, teacher_confidence_quality
     from llkd_ray.labeling import run_labeling
     from llkd_ray.pseudo_label_store import read_labels, stored_counts
     from llkd_ray.ray_session import init_ray
-    from llkd_ray.report import write_report
+    from llkd_ray.report import buys_line, write_report
     from llkd_ray.storage import RunDirectory
     from llkd_ray.training import split_pool_and_holdout, train_student
 
@@ -64,7 +67,7 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
 
     if label:
         logger.info("stage 1/3: the teacher labels the corpus")
-        with clock.stage("labeling (Ray start, teacher load, scoring)"):
+        with clock.stage(LABELING_STAGE):
             labeling = vars(run_labeling(cfg))
     else:
         labeling = stored_counts(cfg)  # fails with a clear message before any cluster starts
@@ -86,6 +89,11 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
     with clock.stage("evaluation"):
         evaluation = evaluate(trained.student_dir, holdout, names, cfg.student.max_length)
         quality = teacher_confidence_quality(labels, names, cfg.teacher.calibrate)
+    with clock.stage("student speed and size"):
+        speed_texts = holdout["text"].to_pylist() or pool["text"].to_pylist()
+        buys = what_the_student_buys(
+            cfg, student_profile(trained.student_dir, speed_texts, cfg.student.max_length), labeling, clock
+        )
     with clock.stage("plots"):
         pictures = [
             plots.plot_selection(trained.history, names, run_dir / "selection.png"),
@@ -104,6 +112,7 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
         "pool_fraction_used": len(trained.used_pool_indices) / max(pool.num_rows, 1),
         "teacher_confidence": {k: v for k, v in quality.items() if k not in ("confidence", "correct")},
         "evaluation": evaluation,
+        "student_buys": buys,
         "history": trained.history,
         "checkpoint": trained.checkpoint_path,
         "stage_seconds": clock.seconds,
@@ -119,8 +128,31 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
             teacher["macro_f1"],
             100 * metrics["pool_fraction_used"],
         )
+    logger.info(buys_line(buys))
     if destination.is_remote:
         logger.info("done in %.0f s: published to %s/%s", metrics["seconds"], destination.publish(), report.name)
     else:
         logger.info("done in %.0f s: %s", metrics["seconds"], report)
     return destination.target
+
+
+def what_the_student_buys(cfg: Config, profile: dict, labeling: dict, clock: StageClock) -> dict:
+    """The student next to its teacher: size, texts/s on this machine, and what labeling cost."""
+    from llkd_ray.evaluation import directory_megabytes
+    from llkd_ray.model_sources import resolve_model
+
+    try:
+        teacher_megabytes = round(directory_megabytes(resolve_model(cfg.teacher.model)), 1)
+    except Exception:  # a hub id not cached here: the size is unknown, nothing else depends on it
+        teacher_megabytes = None
+    labeled_now, labeling_seconds = labeling.get("labeled_this_run", 0), clock.seconds.get(LABELING_STAGE)
+    teacher_rate = round(labeled_now / labeling_seconds, 1) if labeled_now and labeling_seconds else None
+    return {
+        "student_parameters": profile["parameters"],
+        "student_megabytes": profile["megabytes"],
+        "student_texts_per_second": profile["texts_per_second"],
+        "teacher_megabytes": teacher_megabytes,
+        # Rows labeled this run over the labeling stage's wall time (engine load included): what a re-label costs.
+        "teacher_texts_per_second": teacher_rate,
+        "labeling_seconds": labeling_seconds if labeled_now else None,
+    }

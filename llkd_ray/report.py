@@ -50,6 +50,8 @@ def write_report(run_dir: Path, cfg: Config, metrics: dict, pictures: list[Path]
             f"Student confusion matrix (rows gold, columns predicted; {', '.join(cfg.task.label_names)}):"
             f" `{evaluation['student']['confusion_matrix']}`",
         ]
+    if metrics.get("student_buys"):
+        lines += ["", "## What the student buys", "", buys_line(metrics["student_buys"]).split(": ", 1)[1] + "."]
     lines += [
         "",
         "## Per epoch",
@@ -80,3 +82,19 @@ def write_report(run_dir: Path, cfg: Config, metrics: dict, pictures: list[Path]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def buys_line(buys: dict) -> str:
+    parts = [f"student {buys['student_megabytes']:.0f} MB"]
+    if buys["teacher_megabytes"]:
+        parts[0] += (
+            f" ({buys['teacher_megabytes'] / max(buys['student_megabytes'], 1e-9):.0f}x smaller than the teacher)"
+        )
+    speed = f"{buys['student_texts_per_second']:.0f} texts/s"
+    if buys["teacher_texts_per_second"]:
+        ratio = buys["student_texts_per_second"] / buys["teacher_texts_per_second"]
+        speed += f" against the teacher's {buys['teacher_texts_per_second']:.1f} ({ratio:.0f}x)"
+    parts.append(speed + " on this machine")
+    if buys["labeling_seconds"]:
+        parts.append(f"labeling cost {buys['labeling_seconds'] / 60:.1f} min of teacher time")
+    return "what the student buys: " + "; ".join(parts)

@@ -5,51 +5,69 @@ student distribution q_i over L classes, student uncertainty (normalised entropy
 
     u_i = -sum_c q_i(c) log q_i(c) / log L          in [0, 1]
 
-Once per epoch, after the student has scored the whole pool, the statistics move by exponential moving
-averages with momentum λ (FreeMatch-style self-adaptive thresholds; the first epoch initialises them):
+Each epoch runs two steps, in this order, with exponential moving averages of momentum λ (FreeMatch-style
+self-adaptive thresholds; the first observation initialises an average):
 
-    global teacher confidence   τ^T   <- λ τ^T   + (1-λ) mean_i c_i
-    class teacher probability   p̃(c) <- λ p̃(c) + (1-λ) mean_i p_i(c)
-    global student uncertainty  τ^S   <- λ τ^S   + (1-λ) mean_i u_i
-    class student uncertainty   ũ(c)  <- λ ũ(c)  + (1-λ) mean_{i: y_i = c} u_i
+1. The teacher gate (``teacher_gate``), over the whole pool, which it gates:
 
-(``teacher_quantile`` / ``student_quantile`` replace the global mean by that quantile of c_i / u_i: a stricter
-gate than the mean when the pool is large and the budget small; None keeps the mean.)
+       τ^T   <- λ τ^T   + (1-λ) Q_qT(c_i)              global teacher confidence
+       p̃(c) <- λ p̃(c) + (1-λ) mean_i p_i(c)            how much of the pool the teacher gives class c
+       τ^T(c) = MaxNorm(p̃)(c) · τ^T                     MaxNorm(x)(c) = x(c) / max x
 
-and the per-class thresholds scale the global one by how far the class has come (MaxNorm(x)(c) = x(c)/max x):
+   K = {i : c_i >= τ^T(y_i)} is the teacher-confident set. A class the teacher assigns less often gets a lower
+   bar, as FreeMatch relaxes the classes its model has learned less. The teacher's scores never change, so after
+   the first epoch K is fixed: it is known before the student scores anything, and only K is scored.
 
-    τ^T(c) = MaxNorm(p̃)(c) · τ^T          τ^S(c) = MaxNorm(ũ)(c) · τ^S
+2. The student gate (``select``), over K, which it gates (the paper's τ^S is a statistic of the samples it is
+   compared with; over the whole pool it sat far above K's entropies and starved the selection):
+
+       τ^S   <- λ τ^S   + (1-λ) Q_qS(u_i : i ∈ K)       global student uncertainty on K
+       ũ(c)  <- λ ũ(c)  + (1-λ) mean(u_i : i ∈ K, y_i = c)
+       τ^S(c) = MaxNorm(1 - ũ)(c) · τ^S
+
+   1 - ũ(c) is how well the student has learned class c. The class it has learned best gets the full bar and
+   a class it has learned less a lower one, so more of that class's samples count as informative (FreeMatch's
+   direction; MaxNorm(ũ), used before, gave the best-learned class the lowest bar).
+
+   Q_q is the q-quantile (``teacher_quantile``/``student_quantile``; None means the mean, as in FreeMatch).
 
 A sample is selected when the teacher is confident and the student still uncertain:
 
-    selected_i = [c_i >= τ^T(y_i)] and [u_i >= τ^S(y_i)]
+    S = {i ∈ K : u_i >= τ^S(y_i)}
 
-and its cross-entropy against y_i is weighted by both signals, normalised to mean 1 over the selection so the
-learning rate keeps its meaning:
+and no epoch trains on a handful of samples: when |S| < ``min_fraction`` · n, S is topped up from K \\ S by
+the highest c_i u_i (all of K when K itself is that small). The cross-entropy of a selected sample against y_i
+is weighted by both signals, normalised to mean 1 over S so the learning rate keeps its meaning:
 
-    w_i = c_i u_i / mean_{j selected} (c_j u_j)
+    w_i = c_i u_i / mean_{j ∈ S} (c_j u_j)
 
-With ``balance_classes`` (on by default in the config) the normalisation is per class, and each class then
-carries the share of the loss it has among the teacher-confident samples (π(c), over [c_i >= τ^T(y_i)]), however
-many of its samples the student still finds uncertain. S is the selection, S_c its members of class c:
+With ``balance_classes`` the normalisation is per class, and each class carries the share of the loss it has in
+K (π(c)), however many of its samples the student still finds uncertain (S_c: members of S of class c):
 
     w_i = c_i u_i / mean_{j ∈ S_{y_i}} (c_j u_j) · π(y_i) |S| / |S_{y_i}|
 
-Why: an epoch whose uncertain samples are mostly of one class would otherwise pull the student towards that
-class (on Rotten Tomatoes, selections of 839 positive vs 195 negative samples occurred).
+The ``llkd_soft`` selector (SoftMatch-style) keeps all of K and weights each sample by the student's need
+instead of cutting at τ^S: with μ, σ² the moving mean and variance of u over K,
 
-During ``warmup_epochs`` the student's scores are not yet informative: only the teacher criterion applies, and
-the student's averages start at the first epoch after warm-up. The averages move once per epoch (FreeMatch moves
-them every step), so the momentum is per epoch and much lower than FreeMatch's 0.999.
+    w_i ∝ c_i · g(u_i),     g(u) = 1 if u >= μ, else exp(-(u - μ)² / (2σ²))
+
+(normalised and class-balanced as above).
+
+During ``warmup_epochs`` the student's scores are not yet informative: S = K, and the student's averages start
+at the first epoch after warm-up. The averages move once per epoch, not per step as in FreeMatch and the paper's
+τ_t: the selection is recomputed once per epoch from a full scoring pass, so the momentum is per epoch (0.5,
+not FreeMatch's 0.999 per step).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
-STRATEGIES = ("llkd", "all", "random", "teacher_confidence", "student_uncertainty", "fixed_ratio")
+from llkd_ray.config import SelectionConfig
 
 
 def normalized_entropy(probs: np.ndarray) -> np.ndarray:
@@ -67,6 +85,17 @@ def _global_statistic(values: np.ndarray, quantile: float | None) -> float:
     return float(values.mean() if quantile is None else np.quantile(values, quantile))
 
 
+def _moved(previous, observed, momentum: float):
+    """The moving average; the first observation initialises it."""
+    if previous is None:
+        return observed
+    return momentum * np.asarray(previous) + (1 - momentum) * np.asarray(observed)
+
+
+def _stored(value):
+    return np.asarray(value).tolist() if np.ndim(value) else float(value)
+
+
 @dataclass
 class ThresholdState:
     """The moving averages carried from epoch to epoch (saved in every checkpoint)."""
@@ -75,59 +104,45 @@ class ThresholdState:
     teacher_class: list[float] | None = None
     student_global: float | None = None
     student_class: list[float] | None = None
+    student_mean: float | None = None  # llkd_soft: μ and σ² of u over K
+    student_var: float | None = None
 
-    def update(
-        self,
-        teacher_probs: np.ndarray,
-        teacher_labels: np.ndarray,
-        uncertainty: np.ndarray,
-        momentum: float,
-        student: bool = True,
-        teacher_quantile: float | None = None,
-        student_quantile: float | None = None,
-    ):
-        """Move the averages by this epoch's statistics; ``student=False`` (warm-up) leaves the student's alone:
-        an untrained student is uniformly unsure, and averaging that in would hold τ^S near 1 for many epochs."""
-        num_classes = teacher_probs.shape[1]
-        confidence = teacher_probs[np.arange(len(teacher_labels)), teacher_labels]
-        observed = {
-            "teacher_global": _global_statistic(confidence, teacher_quantile),
-            "teacher_class": teacher_probs.mean(axis=0),
-        }
-        if student:
-            observed["student_global"] = _global_statistic(uncertainty, student_quantile)
-            observed["student_class"] = np.array(
-                [
-                    uncertainty[teacher_labels == c].mean() if (teacher_labels == c).any() else np.nan
-                    for c in range(num_classes)
-                ]
-            )
-        for name, value in observed.items():
-            previous = getattr(self, name)
-            if previous is None:  # the first observation initialises the average, not an arbitrary prior
-                new = value
-            else:
-                new = momentum * np.asarray(previous) + (1 - momentum) * value
-            if name == "student_class":
-                # A class absent from the pool keeps its previous average (or the global one).
-                fallback = (
-                    np.asarray(previous) if previous is not None else np.full(num_classes, observed["student_global"])
-                )
-                new = np.where(np.isnan(new), fallback, new)
-            setattr(self, name, new.tolist() if isinstance(new, np.ndarray) else float(new))
+    def update_teacher(self, teacher_probs: np.ndarray, confidence: np.ndarray, momentum: float, quantile) -> None:
+        self.teacher_global = _stored(_moved(self.teacher_global, _global_statistic(confidence, quantile), momentum))
+        self.teacher_class = _stored(_moved(self.teacher_class, teacher_probs.mean(axis=0), momentum))
+
+    def update_student(
+        self, uncertainty: np.ndarray, labels: np.ndarray, num_classes: int, momentum: float, quantile
+    ) -> None:
+        """``uncertainty`` and ``labels`` of the samples the student gate applies to (K)."""
+        if len(uncertainty) == 0:
+            return  # nothing to observe: the averages stay where they were
+        per_class = np.array(
+            [uncertainty[labels == c].mean() if (labels == c).any() else np.nan for c in range(num_classes)]
+        )
+        observed_global = _global_statistic(uncertainty, quantile)
+        previous_class = self.student_class
+        self.student_global = _stored(_moved(self.student_global, observed_global, momentum))
+        moved = _moved(previous_class, per_class, momentum)
+        # A class with no sample in K keeps its previous average (or the global one).
+        fallback = np.asarray(previous_class) if previous_class is not None else np.full(num_classes, observed_global)
+        self.student_class = _stored(np.where(np.isnan(moved), fallback, moved))
+        self.student_mean = _stored(_moved(self.student_mean, uncertainty.mean(), momentum))
+        self.student_var = _stored(_moved(self.student_var, uncertainty.var(), momentum))
 
     def thresholds(self) -> tuple[np.ndarray, np.ndarray]:
         """(τ^T(c), τ^S(c)) for every class; τ^S is 0 until the student's statistics exist (warm-up)."""
         teacher = max_norm(np.asarray(self.teacher_class)) * self.teacher_global
         if self.student_global is None:
             return teacher, np.zeros_like(teacher)
-        student = max_norm(np.asarray(self.student_class)) * self.student_global
-        return teacher, student
+        learned = 1.0 - np.asarray(self.student_class)
+        return teacher, max_norm(learned) * self.student_global
 
 
 @dataclass
 class PoolScores:
-    """Everything selection looks at, for the whole pool, in one fixed order (global index)."""
+    """Everything selection looks at, for the whole pool, in one fixed order (global index). Rows the student
+    did not score (outside K, for selectors that look only at K) hold NaN in ``student_probs``."""
 
     teacher_probs: np.ndarray  # [n, L]
     teacher_labels: np.ndarray  # [n]
@@ -141,6 +156,10 @@ class PoolScores:
     def student_uncertainty(self) -> np.ndarray:
         return normalized_entropy(self.student_probs)
 
+    @property
+    def num_classes(self) -> int:
+        return self.teacher_probs.shape[1]
+
 
 @dataclass
 class Selection:
@@ -152,15 +171,62 @@ class Selection:
     per_class: list[int] = field(default_factory=list)
 
 
-def teacher_confident(scores: PoolScores, teacher_thr: np.ndarray) -> np.ndarray:
-    return scores.teacher_confidence >= teacher_thr[scores.teacher_labels]
+@dataclass
+class EpochInputs:
+    """What a selector sees in one epoch."""
+
+    scores: PoolScores
+    confident: np.ndarray  # K
+    llkd: np.ndarray  # the LLKD selection S (floor applied)
+    state: ThresholdState
+    cfg: SelectionConfig
+    warmup: bool
+    rng: np.random.Generator
 
 
-def llkd_mask(scores: PoolScores, confident: np.ndarray, student_thr: np.ndarray, warmup: bool) -> np.ndarray:
-    """The LLKD selection, given the teacher-confident mask: during warm-up that mask alone."""
+@dataclass(frozen=True)
+class Selector:
+    """One selection strategy: which samples it trains on and with what weights, and which rows the student
+    must score for it ("confident": K only; "all": the whole pool)."""
+
+    choose: Callable[[EpochInputs], tuple[np.ndarray, np.ndarray]]
+    scores: Literal["confident", "all"]
+    summary: str
+
+
+def teacher_gate(scores_teacher_probs: np.ndarray, labels: np.ndarray, state: ThresholdState, cfg: SelectionConfig):
+    """Step 1 (module docstring): move the teacher's averages and return K, the teacher-confident mask."""
+    confidence = scores_teacher_probs[np.arange(len(labels)), labels]
+    state.update_teacher(scores_teacher_probs, confidence, cfg.momentum, cfg.teacher_quantile)
+    teacher_thr = max_norm(np.asarray(state.teacher_class)) * state.teacher_global
+    return confidence >= teacher_thr[labels]
+
+
+def rows_to_score(strategy: str, confident: np.ndarray) -> np.ndarray:
+    """The rows the student must score this epoch for ``strategy``."""
+    if selector(strategy).scores == "all":
+        return np.ones(len(confident), dtype=bool)
+    return confident
+
+
+def _student_gate(scores: PoolScores, confident: np.ndarray, state: ThresholdState, cfg, warmup: bool) -> np.ndarray:
+    """Step 2 (module docstring): move the student's averages over K and return S (floor applied)."""
+    labels = scores.teacher_labels
     if warmup:
-        return confident
-    return confident & (scores.student_uncertainty >= student_thr[scores.teacher_labels])
+        return confident.copy()
+    uncertainty = scores.student_uncertainty
+    state.update_student(
+        uncertainty[confident], labels[confident], scores.num_classes, cfg.momentum, cfg.student_quantile
+    )
+    _, student_thr = state.thresholds()
+    with np.errstate(invalid="ignore"):  # NaN outside K: never selected
+        mask = confident & (uncertainty >= student_thr[labels])
+    floor = int(np.ceil(cfg.min_fraction * len(labels)))
+    if mask.sum() < floor:
+        candidates = np.flatnonzero(confident & ~mask)
+        ranking = (scores.teacher_confidence * uncertainty)[candidates]
+        mask[candidates[_top_k(ranking, floor - int(mask.sum()))]] = True
+    return mask
 
 
 def _normalised(raw: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -169,12 +235,11 @@ def _normalised(raw: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask, raw / mean, 0.0) if mean > 0 else mask.astype(float)
 
 
-def llkd_weights(scores: PoolScores, mask: np.ndarray, confident: np.ndarray | None = None) -> np.ndarray:
-    """The formulas in the module docstring; ``confident`` (the teacher-confident mask) turns on class balance."""
-    raw = scores.teacher_confidence * scores.student_uncertainty
-    if confident is None or not mask.any():
-        return _normalised(raw, mask)
-    labels, selected = scores.teacher_labels, int(mask.sum())
+def class_balanced_weights(raw: np.ndarray, labels: np.ndarray, mask: np.ndarray, confident: np.ndarray):
+    """The class-balanced weights of the module docstring for any raw per-sample score."""
+    if not mask.any():
+        return mask.astype(float)
+    selected = int(mask.sum())
     weights = np.zeros(len(raw))
     for c in np.unique(labels[mask]):
         members = mask & (labels == c)
@@ -184,72 +249,114 @@ def llkd_weights(scores: PoolScores, mask: np.ndarray, confident: np.ndarray | N
     return weights * selected / total if total > 0 else mask.astype(float)
 
 
+def llkd_weights(scores: PoolScores, mask: np.ndarray, confident: np.ndarray | None = None) -> np.ndarray:
+    """w_i of the module docstring; ``confident`` (K) turns on class balance."""
+    raw = np.nan_to_num(scores.teacher_confidence * scores.student_uncertainty)
+    if confident is None:
+        return _normalised(raw, mask)
+    return class_balanced_weights(raw, scores.teacher_labels, mask, confident)
+
+
+def soft_need(uncertainty: np.ndarray, mean: float, var: float) -> np.ndarray:
+    """g(u) of the module docstring: 1 at or above the mean uncertainty, a Gaussian fall-off below it."""
+    gap = np.minimum(np.nan_to_num(uncertainty) - mean, 0.0)
+    return np.exp(-(gap**2) / (2 * max(var, 1e-8)))
+
+
 def _top_k(values: np.ndarray, k: int) -> np.ndarray:
     """Mask of the k largest values; ties broken by index, so the result never depends on the worker count."""
-    order = np.lexsort((np.arange(len(values)), -values))
+    order = np.lexsort((np.arange(len(values)), -np.nan_to_num(values, nan=-np.inf)))
     mask = np.zeros(len(values), dtype=bool)
-    mask[order[:k]] = True
+    mask[order[: max(k, 0)]] = True
     return mask
 
 
+# ---- the selectors ----------------------------------------------------------------------------------------------
+def _llkd(e: EpochInputs):
+    return e.llkd, llkd_weights(e.scores, e.llkd, e.confident if e.cfg.balance_classes else None)
+
+
+def _llkd_soft(e: EpochInputs):
+    mask = e.confident
+    if e.warmup or e.state.student_mean is None:
+        need = np.ones(len(mask))
+    else:
+        need = soft_need(e.scores.student_uncertainty, e.state.student_mean, e.state.student_var)
+    raw = e.scores.teacher_confidence * need
+    if e.cfg.balance_classes:
+        return mask, class_balanced_weights(raw, e.scores.teacher_labels, mask, e.confident)
+    return mask, _normalised(raw, mask)
+
+
+def _all(e: EpochInputs):
+    mask = np.ones(len(e.confident), dtype=bool)
+    return mask, mask.astype(float)
+
+
+def _random(e: EpochInputs):
+    size = len(e.confident)
+    mask = np.zeros(size, dtype=bool)
+    mask[e.rng.choice(size, size=int(e.llkd.sum()), replace=False)] = True
+    return mask, mask.astype(float)
+
+
+def _teacher_confidence(e: EpochInputs):
+    if e.cfg.teacher_confidence_threshold is not None:
+        mask = e.scores.teacher_confidence >= e.cfg.teacher_confidence_threshold
+    else:
+        mask = _top_k(e.scores.teacher_confidence, int(e.llkd.sum()))
+    return mask, mask.astype(float)
+
+
+def _student_uncertainty(e: EpochInputs):
+    mask = _top_k(e.scores.student_uncertainty, int(e.llkd.sum()))
+    return mask, mask.astype(float)
+
+
+def _fixed_ratio(e: EpochInputs):
+    mask = np.zeros(len(e.confident), dtype=bool)
+    ranking = e.scores.teacher_confidence * e.scores.student_uncertainty
+    for c in range(e.scores.num_classes):
+        members = np.flatnonzero(e.scores.teacher_labels == c)
+        mask[members[_top_k(ranking[members], int(round(e.cfg.fraction * len(members))))]] = True
+    return mask, mask.astype(float)
+
+
+SELECTORS: dict[str, Selector] = {
+    "llkd": Selector(_llkd, "confident", "teacher-confident and student-uncertain, weighted by c·u (the paper)"),
+    "llkd_soft": Selector(_llkd_soft, "confident", "every teacher-confident sample, weighted by the student's need"),
+    "all": Selector(_all, "confident", "every pool sample, weight 1"),
+    "random": Selector(_random, "confident", "as many random samples as LLKD selects"),
+    "teacher_confidence": Selector(_teacher_confidence, "confident", "LLKD's count of most confident teacher labels"),
+    "student_uncertainty": Selector(_student_uncertainty, "all", "LLKD's count of most uncertain student scores"),
+    "fixed_ratio": Selector(_fixed_ratio, "all", "a fixed fraction of each class, ranked by c·u"),
+}
+
+
+def selector(strategy: str) -> Selector:
+    if strategy not in SELECTORS:
+        raise ValueError(f"unknown selection strategy {strategy!r}; choose one of {tuple(SELECTORS)}")
+    return SELECTORS[strategy]
+
+
 def select(
-    strategy: str,
+    cfg: SelectionConfig,
     scores: PoolScores,
     state: ThresholdState,
+    confident: np.ndarray,
     *,
-    momentum: float,
     warmup: bool,
     rng: np.random.Generator,
-    fraction: float = 0.3,
-    teacher_confidence_threshold: float | None = None,
-    teacher_quantile: float | None = None,
-    student_quantile: float | None = None,
-    balance_classes: bool = False,
 ) -> Selection:
-    """Update the moving averages with this epoch's scores and choose the samples to train on.
+    """Step 2, then the configured selector's choice. ``confident`` is what ``teacher_gate`` returned this epoch.
 
     Every strategy updates the same thresholds and reports the LLKD count, so budget-matched baselines
     (``random``, ``teacher_confidence`` without a threshold, ``student_uncertainty``) train on exactly as many
     samples as LLKD would have that epoch.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown selection strategy {strategy!r}; choose one of {STRATEGIES}")
-    state.update(
-        scores.teacher_probs,
-        scores.teacher_labels,
-        scores.student_uncertainty,
-        momentum,
-        student=not warmup,
-        teacher_quantile=teacher_quantile,
-        student_quantile=student_quantile,
-    )
+    choose = selector(cfg.strategy).choose
+    llkd = _student_gate(scores, confident, state, cfg, warmup)
+    mask, weights = choose(EpochInputs(scores, confident, llkd, state, cfg, warmup, rng))
     teacher_thr, student_thr = state.thresholds()
-    confident = teacher_confident(scores, teacher_thr)
-    llkd = llkd_mask(scores, confident, student_thr, warmup)
-    budget = int(llkd.sum())
-    size = len(scores.teacher_labels)
-    if strategy == "llkd":
-        mask, weights = llkd, llkd_weights(scores, llkd, confident if balance_classes else None)
-    else:
-        if strategy == "all":
-            mask = np.ones(size, dtype=bool)
-        elif strategy == "random":
-            mask = np.zeros(size, dtype=bool)
-            mask[rng.choice(size, size=budget, replace=False)] = True
-        elif strategy == "teacher_confidence":
-            if teacher_confidence_threshold is not None:
-                mask = scores.teacher_confidence >= teacher_confidence_threshold
-            else:
-                mask = _top_k(scores.teacher_confidence, budget)
-        elif strategy == "student_uncertainty":
-            mask = _top_k(scores.student_uncertainty, budget)
-        else:  # fixed_ratio: the LLKD ranking (c·u) without adaptive thresholds, a fixed fraction per class
-            mask = np.zeros(size, dtype=bool)
-            ranking = scores.teacher_confidence * scores.student_uncertainty
-            for c in range(scores.teacher_probs.shape[1]):
-                members = np.flatnonzero(scores.teacher_labels == c)
-                keep = int(round(fraction * len(members)))
-                mask[members[_top_k(ranking[members], keep)]] = True
-        weights = mask.astype(float)
-    per_class = np.bincount(scores.teacher_labels[mask], minlength=scores.teacher_probs.shape[1]).tolist()
-    return Selection(mask, weights, teacher_thr, student_thr, budget, per_class)
+    per_class = np.bincount(scores.teacher_labels[mask], minlength=scores.num_classes).tolist()
+    return Selection(mask, weights, teacher_thr, student_thr, int(llkd.sum()), per_class)

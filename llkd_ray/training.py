@@ -1,11 +1,13 @@
 """The train stage: Ray Train workers run one loop, with a distributed score-and-select step every epoch.
 
 Each epoch, on every worker:
-  1. score its shard of the pool with the current student (no gradients);
+  1. score its shard of the pool with the current student (no gradients): only the teacher-confident rows
+     when the selector cannot pick others;
   2. all-gather the pool's scores, so every worker computes the same thresholds and the same selection
      (which therefore does not depend on the number of workers);
-  3. train on the selected samples of its own shard with the LLKD weights (workers take equal step counts,
-     cycling their samples, as DDP and ZeRO collectives require);
+  3. train on the selected samples of its own shard with the selection's weights: the same number of optimizer
+     steps every epoch for every selector and on every worker (cycling a small selection), under one learning-rate
+     schedule over the whole run;
   4. evaluate on its shard of the gold-labelled holdout, and report metrics with a checkpoint.
 The final checkpoint also carries the student exported in Hugging Face format (ZeRO-3 shards gathered first).
 """
@@ -13,12 +15,14 @@ The final checkpoint also carries the student exported in Hugging Face format (Z
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -143,7 +147,81 @@ def train_student(
     return TrainResult(student_dir, state["history"], state["used"], result.checkpoint.path)
 
 
+# ---- the recipe (pure functions, the same for every selector) ----------------------------------------------------
+def steps_per_epoch(training: TrainingConfig, pool_size: int) -> int:
+    """Optimizer steps per epoch, the same for every selector (see TrainingConfig.steps_per_epoch)."""
+    if training.steps_per_epoch:
+        return training.steps_per_epoch
+    samples_per_step = training.batch_size * training.num_workers
+    return max(1, math.ceil(training.epoch_fraction * pool_size / samples_per_step))
+
+
+def learning_rate_at(step: int, total_steps: int, training: TrainingConfig) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of ``total_steps``: linear warm-up over
+    ``warmup_ratio`` of the steps, then linear or cosine decay to 0 at the end, or constant. A pure function of
+    the step, so a resumed run continues the schedule exactly where it stopped."""
+    peak = training.learning_rate
+    warmup = math.ceil(training.warmup_ratio * total_steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if training.lr_schedule == "constant":
+        return peak
+    progress = (step - warmup) / max(total_steps - warmup, 1)
+    if training.lr_schedule == "cosine":
+        return peak * 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * (1 - progress)
+
+
+def distillation_loss(logits, targets, teacher_probs, weights, training: TrainingConfig):
+    """Σ w_i · [(1 - a)·CE(logits_i, y_i) + a·T²·KL(p_i^(1/T) ‖ softmax(logits_i / T))] / batch size."""
+    import torch
+    import torch.nn.functional as F
+
+    per_sample = F.cross_entropy(logits, targets, reduction="none")
+    alpha = training.soft_label_weight
+    if alpha > 0:
+        temperature = training.distill_temperature
+        tempered = torch.softmax(torch.log(teacher_probs.clamp_min(1e-12)) / temperature, dim=-1)
+        log_student = F.log_softmax(logits / temperature, dim=-1)
+        kl = (tempered * (torch.log(tempered.clamp_min(1e-12)) - log_student)).sum(dim=-1)
+        per_sample = (1 - alpha) * per_sample + alpha * temperature**2 * kl
+    return (weights * per_sample).sum() / len(per_sample)
+
+
 # ---- worker side ------------------------------------------------------------------------------------------------
+@dataclass
+class ShardPool:
+    """This worker's shard of the pool, as typed columns."""
+
+    index: np.ndarray  # [m] global pool index of each row
+    texts: list[str]
+    teacher_labels: np.ndarray  # [m]
+    teacher_probs: np.ndarray  # [m, L]
+
+
+class EpochMetrics(TypedDict, total=False):
+    """One epoch's entry in metrics.json and the run's history (eval_* only when the holdout has gold)."""
+
+    epoch: int
+    loss: float
+    selected: int
+    selected_per_class: dict[str, int]
+    llkd_count: int
+    scored: int
+    steps: int
+    learning_rate: float
+    teacher_thresholds: dict[str, float]
+    student_thresholds: dict[str, float]
+    cumulative_used: int
+    cumulative_used_fraction: float
+    eval_accuracy: float
+    eval_macro_f1: float
+    score_select_seconds: float
+    train_seconds: float
+    epoch_seconds: float
+    finished_at: float
+
+
 def _columns(shard, names: list[str], index_column: str) -> dict[str, list]:
     """Read a worker's dataset shard once into columns, skipping the padding rows."""
     columns: dict[str, list] = {name: [] for name in names}
@@ -153,6 +231,16 @@ def _columns(shard, names: list[str], index_column: str) -> dict[str, list]:
             values = batch[name].to_pylist()
             columns[name].extend(values[i] for i in keep)
     return columns
+
+
+def _shard_pool(shard) -> ShardPool:
+    columns = _columns(shard, ["pool_index", "text", "teacher_probs", "teacher_label"], "pool_index")
+    return ShardPool(
+        index=np.asarray(columns["pool_index"], dtype=np.int64),
+        texts=columns["text"],
+        teacher_labels=np.asarray(columns["teacher_label"], dtype=np.int64),
+        teacher_probs=np.asarray(columns["teacher_probs"], dtype=np.float64),
+    )
 
 
 class _Collective:
@@ -174,6 +262,16 @@ class _Collective:
         gathered = [None] * self.dist.get_world_size()
         self.dist.all_gather_object(gathered, obj)
         return gathered
+
+
+def _gather_pool_rows(collective: _Collective, index: np.ndarray, values: np.ndarray, pool_size: int) -> np.ndarray:
+    """Every worker's rows of ``values`` put together in global pool order (checked to cover the pool once)."""
+    parts = collective.gather((index, values))
+    order_index = np.concatenate([part[0] for part in parts])
+    order = np.argsort(order_index)
+    if len(order) != pool_size or not np.array_equal(order_index[order], np.arange(pool_size)):
+        raise RuntimeError(f"pool shards do not cover the pool exactly ({len(order)} rows for {pool_size})")
+    return np.concatenate([part[1] for part in parts])[order]
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -202,6 +300,16 @@ def _score(engine, encode, texts: list[str], batch_size: int, collective: _Colle
     return probs
 
 
+def _score_pool(engine, encode, pool: ShardPool, wanted: np.ndarray, collective, pool_size: int, num_labels: int):
+    """Student probabilities for the pool rows in ``wanted`` (a global mask), NaN for the rest: a selector that
+    can only pick teacher-confident rows does not pay for scoring the others."""
+    rows = np.flatnonzero(wanted[pool.index])
+    local = np.full((len(pool.index), num_labels), np.nan)
+    if wanted.any():
+        local[rows] = _score(engine, encode, [pool.texts[i] for i in rows], 128, collective, num_labels)
+    return np.round(_gather_pool_rows(collective, pool.index, local, pool_size), SCORE_DECIMALS)
+
+
 def _length_grouped_batches(positions: np.ndarray, lengths: np.ndarray, batch_size: int, rng) -> list[list[int]]:
     """Shuffled batches of similar-length samples (transformers' ``group_by_length``): shuffle, sort windows of
     64 batches by length, cut them into batches, shuffle the batches. Less padding, still a random order."""
@@ -215,30 +323,64 @@ def _length_grouped_batches(positions: np.ndarray, lengths: np.ndarray, batch_si
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def _train_pass(engine, encode, texts, labels, weights, positions, cfg: Config, rng, collective) -> float:
-    """One pass over this worker's selected samples; returns the mean loss of its real steps."""
-    import torch
-    import torch.nn.functional as F
+def epoch_batches(positions: np.ndarray, lengths: np.ndarray, batch_size: int, steps: int, rng) -> list[list[int]]:
+    """Exactly ``steps`` length-grouped batches from ``positions``: passes over them in fresh random orders until
+    the budget is spent, the last pass cut short. Empty when there is nothing to draw from."""
+    batches: list[list[int]] = []
+    while len(positions) and len(batches) < steps:
+        batches.extend(_length_grouped_batches(positions, lengths, batch_size, rng))
+    return batches[:steps]
 
-    lengths = np.array([len(text) for text in texts])
-    batches = _length_grouped_batches(positions, lengths, cfg.training.batch_size, rng)
-    steps = collective.max(len(batches))
+
+@dataclass
+class StepPlan:
+    steps: int  # this epoch's optimizer steps, on every worker
+    first_step: int  # the run-wide index of the first one (for the schedule)
+    total_steps: int
+
+
+def _train_epoch(engine, encode, pool: ShardPool, weights: np.ndarray, plan: StepPlan, cfg: Config, rng) -> float:
+    """This epoch's ``plan.steps`` optimizer steps on this worker's selected samples; returns their mean loss.
+    A worker with nothing selected takes zero-weight steps, which keep the gradient all-reduce in step."""
+    import torch
+
+    training = cfg.training
+    positions = np.flatnonzero(weights > 0)
+    lengths = np.array([len(text) for text in pool.texts])
+    batches = epoch_batches(positions, lengths, training.batch_size, plan.steps, rng)
     engine.train(True)
     losses = []
-    for step in range(steps):
+    for step in range(plan.steps):
+        engine.set_learning_rate(learning_rate_at(plan.first_step + step, plan.total_steps, training))
         if batches:
-            index = batches[step % len(batches)]  # a worker with fewer samples cycles through them again
-            scale = torch.tensor(weights[index], dtype=torch.float32)
-            batch_texts, targets = [texts[i] for i in index], torch.tensor(labels[index], dtype=torch.long)
-        else:  # nothing selected here: a zero-weight step keeps the gradient all-reduce in step
-            batch_texts, targets, scale = ["."], torch.zeros(1, dtype=torch.long), torch.zeros(1)
-        logits = engine.logits(encode(batch_texts))
-        per_sample = F.cross_entropy(logits, targets.to(logits.device), reduction="none")
-        loss = (scale.to(logits.device) * per_sample).sum() / len(batch_texts)
+            index = batches[step]
+            texts = [pool.texts[i] for i in index]
+            targets, scale = torch.tensor(pool.teacher_labels[index]), torch.tensor(weights[index], dtype=torch.float32)
+            teacher = torch.tensor(pool.teacher_probs[index], dtype=torch.float32)
+        else:
+            texts, targets, scale, teacher = ["."], torch.zeros(1, dtype=torch.long), torch.zeros(1), None
+        logits = engine.logits(encode(texts))
+        if teacher is None:
+            teacher = torch.full_like(logits, 1.0 / logits.shape[-1])
+        device = logits.device
+        loss = distillation_loss(logits, targets.to(device), teacher.to(device), scale.to(device), training)
         engine.step(loss)
-        if batches and step < len(batches):
+        if batches:
             losses.append(float(loss.detach()))
     return float(np.mean(losses)) if losses else float("nan")
+
+
+def _evaluate(engine, encode, holdout: dict, collective: _Collective, names: list[str]) -> dict:
+    from llkd_ray.metrics import classification_report
+
+    probs = _score(engine, encode, holdout["text"], 128, collective, len(names))
+    gathered = collective.gather((holdout["gold_index"], probs.argmax(axis=1).tolist()))
+    gold = np.concatenate([np.asarray(g, dtype=np.int64) for g, _ in gathered])
+    predicted = np.concatenate([np.asarray(p, dtype=np.int64) for _, p in gathered])
+    if not len(gold):
+        return {}
+    report = classification_report(gold, predicted, names)
+    return {"eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"]}
 
 
 def epoch_line(metrics: dict, epochs: int, pool_size: int) -> str:
@@ -275,17 +417,49 @@ def _maybe_fail(fail_once_at: tuple[int, str] | None, epoch: int, rank: int, cfg
     os._exit(1)
 
 
-def train_loop(loop_config: dict) -> None:
-    """The per-worker training function (Ray Train calls it on every worker)."""
+def _checkpoint(engine, tokenizer, cfg: Config, epoch: int, rank: int, state: dict, metrics: EpochMetrics) -> None:
+    """Report the epoch's metrics with a checkpoint; the final one also carries the exported student."""
     import ray.train
-    import torch
     from ray.train import Checkpoint
 
     from llkd_ray.console import worker_console_line
+    from llkd_ray.student import export_student
+
+    final = epoch == cfg.training.epochs
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save(directory)
+        state_dict = engine.full_state_dict() if final else None  # ZeRO-3: a collective on every rank
+        if rank == 0:
+            Path(directory, STATE_FILE).write_text(json.dumps(state))
+            if final:
+                export_student(
+                    engine.module,
+                    tokenizer,
+                    Path(directory) / STUDENT_DIR,
+                    {"labels": cfg.task.label_names, "epochs": epoch, "selection": cfg.selection.strategy},
+                    max_length=cfg.student.max_length,
+                    state_dict=state_dict,
+                )
+            worker_console_line(epoch_line(dict(metrics), cfg.training.epochs, state["pool_size"]))
+        has_files = any(Path(directory).iterdir())
+        ray.train.report(
+            dict(metrics),
+            checkpoint=Checkpoint.from_directory(directory) if has_files else None,
+            checkpoint_dir_name=f"epoch-{epoch:03d}",
+        )
+        del state_dict
+
+
+def train_loop(loop_config: dict) -> None:
+    """The per-worker training function (Ray Train calls it on every worker): score, gather, select, train,
+    evaluate and checkpoint, once per epoch."""
+    import ray.train
+    import torch
+
+    from llkd_ray.console import worker_console_line
     from llkd_ray.engines import make_engine
-    from llkd_ray.metrics import classification_report
-    from llkd_ray.selection import PoolScores, ThresholdState, select
-    from llkd_ray.student import export_student, load_student
+    from llkd_ray.selection import PoolScores, ThresholdState, rows_to_score, select, selector, teacher_gate
+    from llkd_ray.student import load_student
 
     cfg: Config = loop_config["cfg"]
     pool_size: int = loop_config["pool_size"]
@@ -296,13 +470,8 @@ def train_loop(loop_config: dict) -> None:
     names = cfg.task.label_names
     device = ray.train.torch.get_device()
 
-    pool = _columns(
-        ray.train.get_dataset_shard("pool"), ["pool_index", "text", "teacher_probs", "teacher_label"], "pool_index"
-    )
+    pool = _shard_pool(ray.train.get_dataset_shard("pool"))
     holdout = _columns(ray.train.get_dataset_shard("holdout"), ["holdout_index", "text", "gold_index"], "holdout_index")
-    texts, labels = pool["text"], np.asarray(pool["teacher_label"], dtype=np.int64)
-    local_index = np.asarray(pool["pool_index"], dtype=np.int64)
-
     network, tokenizer = load_student(cfg.student.model, names, seed=cfg.training.seed)
     engine = make_engine(network, cfg.training, device)
 
@@ -312,14 +481,11 @@ def train_loop(loop_config: dict) -> None:
         )
         return {key: value.to(device) for key, value in encoded.items()}
 
-    # Teacher side of the pool, gathered once: it does not change between epochs.
-    teacher_parts = collective.gather((local_index, np.asarray(pool["teacher_probs"], dtype=np.float64), labels))
-    order_index = np.concatenate([part[0] for part in teacher_parts])
-    order = np.argsort(order_index)
-    if len(order) != pool_size or not np.array_equal(order_index[order], np.arange(pool_size)):
-        raise RuntimeError(f"pool shards do not cover the pool exactly ({len(order)} rows for {pool_size})")
-    teacher_probs = np.concatenate([part[1] for part in teacher_parts])[order]
-    teacher_labels = np.concatenate([part[2] for part in teacher_parts])[order]
+    # The teacher side of the pool, gathered once: it does not change between epochs.
+    teacher_probs = _gather_pool_rows(collective, pool.index, pool.teacher_probs, pool_size)
+    teacher_labels = _gather_pool_rows(collective, pool.index, pool.teacher_labels, pool_size)
+    steps = steps_per_epoch(cfg.training, pool_size)
+    total_steps = steps * cfg.training.epochs
 
     thresholds, history, used, start_epoch = ThresholdState(), [], np.zeros(pool_size, dtype=bool), 0
     checkpoint = ray.train.get_checkpoint()
@@ -333,97 +499,61 @@ def train_loop(loop_config: dict) -> None:
         if rank == 0:
             worker_console_line(f"resumed from the checkpoint of epoch {start_epoch}")
 
+    scope = selector(cfg.selection.strategy).scores
     for epoch in range(start_epoch + 1, cfg.training.epochs + 1):
         _maybe_fail(loop_config.get("fail_once_at"), epoch, rank, cfg)
         started = time.time()
-        local_probs = _score(engine, encode, texts, 128, collective, len(names))
-        parts = collective.gather((local_index, local_probs))
-        student_probs = np.concatenate([p[1] for p in parts])[np.argsort(np.concatenate([p[0] for p in parts]))]
-        scores = PoolScores(teacher_probs, teacher_labels, np.round(student_probs, SCORE_DECIMALS))
+        warmup = epoch <= cfg.selection.warmup_epochs
+        confident = teacher_gate(teacher_probs, teacher_labels, thresholds, cfg.selection)
+        wanted = rows_to_score(cfg.selection.strategy, confident)
+        if warmup and scope == "confident":  # the student's scores are not looked at in warm-up
+            wanted = np.zeros(pool_size, dtype=bool)
+        student_probs = _score_pool(engine, encode, pool, wanted, collective, pool_size, len(names))
         selection = select(
-            cfg.selection.strategy,
-            scores,
+            cfg.selection,
+            PoolScores(teacher_probs, teacher_labels, student_probs),
             thresholds,
-            momentum=cfg.selection.momentum,
-            warmup=epoch <= cfg.selection.warmup_epochs,
+            confident,
+            warmup=warmup,
             rng=np.random.default_rng([cfg.selection.seed, epoch]),
-            fraction=cfg.selection.fraction,
-            teacher_confidence_threshold=cfg.selection.teacher_confidence_threshold,
-            teacher_quantile=cfg.selection.teacher_quantile,
-            student_quantile=cfg.selection.student_quantile,
-            balance_classes=cfg.selection.balance_classes,
         )
         used |= selection.mask
-        positions = np.flatnonzero(selection.mask[local_index])
         scored_at = time.time()
-        loss = _train_pass(
-            engine,
-            encode,
-            texts,
-            labels,
-            selection.weights[local_index],
-            positions,
-            cfg,
-            np.random.default_rng([cfg.training.seed, epoch, rank]),
-            collective,
-        )
+        plan = StepPlan(steps, (epoch - 1) * steps, total_steps)
+        rng = np.random.default_rng([cfg.training.seed, epoch, rank])
+        loss = _train_epoch(engine, encode, pool, selection.weights[pool.index], plan, cfg, rng)
         losses = [value for value in collective.gather(loss) if not np.isnan(value)]
         train_seconds = time.time() - scored_at
 
-        metrics = {
-            "epoch": epoch,
-            "loss": float(np.mean(losses)) if losses else float("nan"),
-            "selected": int(selection.mask.sum()),
-            "selected_per_class": dict(zip(names, selection.per_class)),
-            "llkd_count": selection.llkd_count,
-            "teacher_thresholds": dict(zip(names, np.round(selection.teacher_thresholds, 4).tolist())),
-            "student_thresholds": dict(zip(names, np.round(selection.student_thresholds, 4).tolist())),
-            "cumulative_used": int(used.sum()),
-            "cumulative_used_fraction": float(used.mean()) if pool_size else 0.0,
-        }
-        holdout_probs = _score(engine, encode, holdout["text"], 128, collective, len(names))
-        gathered = collective.gather((holdout["gold_index"], holdout_probs.argmax(axis=1).tolist()))
-        gold = np.concatenate([np.asarray(g, dtype=np.int64) for g, _ in gathered])
-        predicted = np.concatenate([np.asarray(p, dtype=np.int64) for _, p in gathered])
-        if len(gold):
-            report = classification_report(gold, predicted, names)
-            metrics.update(eval_accuracy=report["accuracy"], eval_macro_f1=report["macro_f1"])
+        metrics = EpochMetrics(
+            epoch=epoch,
+            loss=float(np.mean(losses)) if losses else float("nan"),
+            selected=int(selection.mask.sum()),
+            selected_per_class=dict(zip(names, selection.per_class)),
+            llkd_count=selection.llkd_count,
+            scored=int(wanted.sum()),
+            steps=steps,
+            learning_rate=learning_rate_at(plan.first_step + steps - 1, total_steps, cfg.training),
+            teacher_thresholds=dict(zip(names, np.round(selection.teacher_thresholds, 4).tolist())),
+            student_thresholds=dict(zip(names, np.round(selection.student_thresholds, 4).tolist())),
+            cumulative_used=int(used.sum()),
+            cumulative_used_fraction=float(used.mean()) if pool_size else 0.0,
+        )
+        metrics.update(_evaluate(engine, encode, holdout, collective, names))
         metrics.update(
             score_select_seconds=round(scored_at - started, 3),
             train_seconds=round(train_seconds, 3),
             epoch_seconds=round(time.time() - started, 3),
             finished_at=time.time(),  # wall clock: a resumed epoch keeps the time it really finished
         )
-        history.append(metrics)
-
-        final = epoch == cfg.training.epochs
-        with tempfile.TemporaryDirectory() as directory:
-            engine.save(directory)
-            state_dict = engine.full_state_dict() if final else None  # ZeRO-3: a collective on every rank
-            if rank == 0:
-                state = {
-                    "epoch": epoch,
-                    "thresholds": asdict(thresholds),
-                    "history": history,
-                    "used": np.flatnonzero(used).tolist(),
-                }
-                Path(directory, STATE_FILE).write_text(json.dumps(state))
-                if final:
-                    export_student(
-                        engine.module,
-                        tokenizer,
-                        Path(directory) / STUDENT_DIR,
-                        {"labels": names, "epochs": epoch, "selection": cfg.selection.strategy},
-                        max_length=cfg.student.max_length,
-                        state_dict=state_dict,
-                    )
-                worker_console_line(epoch_line(metrics, cfg.training.epochs, pool_size))
-            has_files = any(Path(directory).iterdir())
-            ray.train.report(
-                metrics,
-                checkpoint=Checkpoint.from_directory(directory) if has_files else None,
-                checkpoint_dir_name=f"epoch-{epoch:03d}",
-            )
-        del state_dict
+        history.append(dict(metrics))
+        state = {
+            "epoch": epoch,
+            "thresholds": asdict(thresholds),
+            "history": history,
+            "used": np.flatnonzero(used).tolist(),
+            "pool_size": pool_size,
+        }
+        _checkpoint(engine, tokenizer, cfg, epoch, rank, state, metrics)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -193,3 +193,61 @@ def test_a_checkpoint_with_a_planted_pickle_is_refused_and_never_run(tmp_path):
     assert not marker.exists()
     torch.load(bad / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)  # what DeepSpeed does
     assert marker.exists()  # so the payload was live: the check is what stopped it
+
+
+def test_the_learning_rate_schedule_at_known_steps():
+    from llkd_ray.config import TrainingConfig
+    from llkd_ray.training import learning_rate_at
+
+    linear = TrainingConfig(learning_rate=1e-4, warmup_ratio=0.1, lr_schedule="linear")
+    # 100 steps: warm-up over 10 (1e-5, 2e-5, … 1e-4 at step 9), then down by 1e-4/90 a step to 1e-4/90 at step 99
+    assert [learning_rate_at(s, 100, linear) for s in (0, 4, 9)] == pytest.approx([1e-5, 5e-5, 1e-4])
+    assert learning_rate_at(10, 100, linear) == pytest.approx(1e-4)
+    assert learning_rate_at(55, 100, linear) == pytest.approx(0.5e-4)
+    assert learning_rate_at(99, 100, linear) == pytest.approx(1e-4 / 90 * 1)
+    cosine = linear.model_copy(update={"lr_schedule": "cosine"})
+    assert learning_rate_at(55, 100, cosine) == pytest.approx(0.5e-4)  # cos(π/2): half way down
+    assert learning_rate_at(32, 100, cosine) == pytest.approx(1e-4 * 0.5 * (1 + np.cos(np.pi * 22 / 90)))
+    constant = linear.model_copy(update={"lr_schedule": "constant", "warmup_ratio": 0.0})
+    assert {learning_rate_at(s, 100, constant) for s in (0, 50, 99)} == {1e-4}
+
+
+def test_every_selector_gets_the_same_step_budget():
+    from llkd_ray.config import TrainingConfig
+    from llkd_ray.training import epoch_batches, steps_per_epoch
+
+    # ceil(.25 · 4000 / (32 · 2)) = 16 steps a worker, whatever the selection
+    assert steps_per_epoch(TrainingConfig(batch_size=32, num_workers=2, epoch_fraction=0.25), 4000) == 16
+    assert steps_per_epoch(TrainingConfig(steps_per_epoch=7), 4000) == 7
+    lengths = np.arange(1000)
+    rng = np.random.default_rng(0)
+    for selected in (np.arange(20), np.arange(1000)):  # a small selection is cycled, a large one cut short
+        batches = epoch_batches(selected, lengths, 8, 16, rng)
+        assert len(batches) == 16 and set(np.concatenate(batches)) <= set(selected)
+    small = np.concatenate(epoch_batches(np.arange(20), lengths, 8, 16, rng))
+    assert np.bincount(small).min() >= 5  # every one of the 20 used ~6 times, none left out
+    assert epoch_batches(np.array([], dtype=int), lengths, 8, 16, rng) == []
+
+
+def test_the_distillation_loss_against_hand_values():
+    import torch
+
+    from llkd_ray.config import TrainingConfig
+    from llkd_ray.training import distillation_loss
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([0, 0])
+    teacher = torch.tensor([[0.9, 0.1], [0.6, 0.4]])
+    weights = torch.tensor([1.0, 0.5])
+    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")  # (.12693, 1.31326)
+    hard = distillation_loss(logits, targets, teacher, weights, TrainingConfig())
+    assert float(hard) == pytest.approx(float((ce[0] + 0.5 * ce[1]) / 2), abs=1e-6)
+    soft_cfg = TrainingConfig(soft_label_weight=0.5, distill_temperature=2.0)
+    # T = 2: teacher^(1/2) renormalised = (.75, .25) and (.55051, .44949); student softmax(logits/2)
+    tempered = torch.tensor([[0.75, 0.25], [0.55051, 0.44949]])
+    student = torch.softmax(logits / 2, dim=-1)
+    kl = (tempered * (tempered.log() - student.log())).sum(-1)
+    expected = (weights * (0.5 * ce + 0.5 * 4 * kl)).sum() / 2
+    assert float(distillation_loss(logits, targets, teacher, weights, soft_cfg)) == pytest.approx(
+        float(expected), abs=1e-4
+    )

@@ -1,0 +1,20 @@
+"""What the report and the last line of `llkd run` say the student buys."""
+
+from llkd_ray.report import buys_line
+
+
+def test_the_student_is_put_next_to_its_teacher():
+    buys = {
+        "student_parameters": 22_700_000,
+        "student_megabytes": 87.0,
+        "student_texts_per_second": 400.0,
+        "teacher_megabytes": 1044.0,
+        "teacher_texts_per_second": 16.0,
+        "labeling_seconds": 300.0,
+    }
+    assert buys_line(buys) == (
+        "what the student buys: student 87 MB (12x smaller than the teacher); 400 texts/s against the teacher's"
+        " 16.0 (25x) on this machine; labeling cost 5.0 min of teacher time"
+    )
+    resumed = buys | {"teacher_texts_per_second": None, "labeling_seconds": None, "teacher_megabytes": None}
+    assert buys_line(resumed) == "what the student buys: student 87 MB; 400 texts/s on this machine"
