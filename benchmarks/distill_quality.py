@@ -18,7 +18,7 @@ difference with its CI. Writes benchmarks/results/distill_quality.json and a plo
 
     python benchmarks/distill_quality.py                                     # every dataset, seeds 0 1 2
     python benchmarks/distill_quality.py --datasets trec sms_spam --seeds 0 1 2 3 4
-    python benchmarks/distill_quality.py --selectors llkd all training.epochs=4   # overrides for every run
+    python benchmarks/distill_quality.py training.epochs=4 --selectors llkd all   # overrides first, for every run
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import argparse
 import csv
 import hashlib
 import json
+import logging
 import os
 import random
 import sys
@@ -46,6 +47,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # labels. It tells whether a goal above the teacher is within the student's reach at all.
 GOLD_CEILING = "gold_labels"
 DEV_FRACTION = 0.5  # of the held-out gold rows; the rest is test
+log = logging.getLogger("llkd_ray.benchmarks")  # under llkd_ray: the quiet console shows it
 
 
 # ---- datasets -----------------------------------------------------------------------------------------------------
@@ -283,7 +285,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=available, choices=available)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--selectors", nargs="+", default=[*SELECTORS, GOLD_CEILING])
+    parser.add_argument(
+        "--selectors", nargs="+", default=[*SELECTORS, GOLD_CEILING], choices=[*SELECTORS, GOLD_CEILING]
+    )
     parser.add_argument("--work", default="runs/bench_distill", help="corpora, stores, checkpoints and results")
     parser.add_argument("--out", default=str(RESULTS / "distill_quality.json"))
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. training.epochs=6")
@@ -291,35 +295,16 @@ def main() -> None:
 
     import ray
 
-    from llkd_ray.config import load_config
-    from llkd_ray.corpus import corpus_ids
-    from llkd_ray.labeling import run_labeling
-    from llkd_ray.pseudo_label_store import read_labels
-    from llkd_ray.training import split_pool_and_holdout
+    from llkd_ray.console import console
 
     work = Path(args.work).resolve()
     code = code_fingerprint()
-    ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
-    results = []
-    for dataset in args.datasets:
-        spec = yaml.safe_load((DATASETS / f"{dataset}.yaml").read_text())
-        base = corpus_overrides(spec, work) + list(args.overrides)
-        cfg = load_config(None, base)
-        run_labeling(cfg)
-        pool, holdout = split_pool_and_holdout(read_labels(cfg, ids=corpus_ids(cfg.corpus)), cfg)
-        dev, test = split_dev_test(holdout)
-        print(f"[bench] {dataset}: pool {pool.num_rows}, dev {dev.num_rows}, test {test.num_rows}", flush=True)
-        for seed in args.seeds:
-            for selector in args.selectors:
-                result = run_one(spec, base, pool, dev, test, selector, seed, work, code)
-                results.append(result)
-                print(
-                    f"[bench] {dataset} {selector} seed {seed}: test {result['test_macro_f1']:.3f},"
-                    f" dev {result['dev_macro_f1']:.3f} (teacher {result['teacher_test_macro_f1']:.3f}),"
-                    f" pool used {result['pool_fraction']:.1%}, {result['seconds']:.0f} s",
-                    flush=True,
-                )
-    ray.shutdown()
+    # The project's quiet console: Ray's, vLLM's and DeepSpeed's output goes to the log file; the terminal shows
+    # one line per finished run and the workers' epoch lines.
+    with console(work / "distill_quality.log"):
+        ray.init(num_cpus=os.cpu_count())
+        results = run_matrix(args, work, code)
+        ray.shutdown()
     summary = summarise(results, args.selectors)
     summary["machine"] = f"{os.cpu_count()} CPU cores, {sys.platform}"
     summary["code_fingerprint"] = code
@@ -330,6 +315,40 @@ def main() -> None:
     out.write_text(json.dumps(summary, indent=2))
     plot(summary, out.with_suffix(".png"))
     print(f"\nresults: {out}, plot: {out.with_suffix('.png')}")
+
+
+def run_matrix(args, work: Path, code: str) -> list[dict]:
+    from llkd_ray.config import load_config
+    from llkd_ray.corpus import corpus_ids
+    from llkd_ray.labeling import run_labeling
+    from llkd_ray.pseudo_label_store import read_labels
+    from llkd_ray.training import split_pool_and_holdout
+
+    results = []
+    for dataset in args.datasets:
+        spec = yaml.safe_load((DATASETS / f"{dataset}.yaml").read_text())
+        base = corpus_overrides(spec, work) + list(args.overrides)
+        cfg = load_config(None, base)
+        run_labeling(cfg)
+        pool, holdout = split_pool_and_holdout(read_labels(cfg, ids=corpus_ids(cfg.corpus)), cfg)
+        dev, test = split_dev_test(holdout)
+        log.info("%s: pool %d, dev %d, test %d", dataset, pool.num_rows, dev.num_rows, test.num_rows)
+        for seed in args.seeds:
+            for selector in args.selectors:
+                result = run_one(spec, base, pool, dev, test, selector, seed, work, code)
+                results.append(result)
+                log.info(
+                    "%s %s seed %d: test %.3f, dev %.3f (teacher %.3f), pool used %.1f%%, %.0f s",
+                    dataset,
+                    selector,
+                    seed,
+                    result["test_macro_f1"],
+                    result["dev_macro_f1"],
+                    result["teacher_test_macro_f1"],
+                    100 * result["pool_fraction"],
+                    result["seconds"],
+                )
+    return results
 
 
 if __name__ == "__main__":

@@ -65,6 +65,25 @@ def calibrate(raw_probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
     return ratio / ratio.sum(axis=1, keepdims=True)
 
 
+def em_class_prior(posteriors: np.ndarray, iterations: int = 1000, tolerance: float = 1e-9):
+    """(adjusted posteriors, estimated prior) by EM prior adaptation (Saerens, Latinne & Decaestecker 2002).
+
+    ``posteriors`` assume every class equally common (what ``calibrate`` returns). EM finds the prior π that makes
+    the corpus most likely: q_i(c) ∝ p_i(c) π(c), π(c) = mean_i q_i(c), from π uniform to a fixed point."""
+    num_classes = posteriors.shape[1]
+    prior = np.full(num_classes, 1.0 / num_classes)
+    adjusted = posteriors
+    for _ in range(iterations):
+        weighted = posteriors * prior[None, :]
+        adjusted = weighted / np.maximum(weighted.sum(axis=1, keepdims=True), 1e-300)
+        new_prior = adjusted.mean(axis=0)
+        converged = np.abs(new_prior - prior).max() < tolerance
+        prior = new_prior
+        if converged:
+            break
+    return adjusted, prior
+
+
 def pick_labels(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(label index, confidence = probability of that label) for each row."""
     labels = probs.argmax(axis=1)

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from llkd_ray import storage
 from llkd_ray.config import Config
 from llkd_ray.errors import UserError
-from llkd_ray.label_scoring import calibrate, label_prior, pick_labels
+from llkd_ray.label_scoring import calibrate, em_class_prior, label_prior, pick_labels
 from llkd_ray.model_sources import model_identity
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,9 @@ def teacher_fingerprint(cfg: Config) -> str:
 
 def label_fingerprint(cfg: Config) -> str:
     """The teacher fingerprint plus calibration: identifies the final pseudo-labels."""
-    return _digest({"teacher": teacher_fingerprint(cfg), "calibrate": cfg.teacher.calibrate})
+    return _digest(
+        {"teacher": teacher_fingerprint(cfg), "calibrate": cfg.teacher.calibrate, "prior": cfg.teacher.class_prior}
+    )
 
 
 @dataclass
@@ -254,7 +256,7 @@ class PseudoLabelStore:
         duplicates = self._duplicates_as_rejects(parts, duplicate_rows, first_of_id)
         reject_tables = [t for t in (rejects, duplicates) if t is not None and t.num_rows]
         all_rejects = pa.concat_tables(reject_tables) if reject_tables else _empty_rejects()
-        labels, prior = self._label_table(parts.take(keep) if parts is not None else None, label_names)
+        labels, priors = self._label_table(parts.take(keep) if parts is not None else None, label_names)
         self._write_atomically(labels, f"{self.root}/labels.parquet")
         self._write_atomically(all_rejects, f"{self.root}/rejects.parquet")
         summary = StoreSummary(
@@ -268,16 +270,20 @@ class PseudoLabelStore:
             rejected_this_run=rejected_this_run,
             resumed_rows=resumed_rows,
         )
-        self._write_manifest(prior, summary)
+        self._write_manifest(priors, summary)
         return summary
 
-    def _label_table(self, parts: pa.Table | None, label_names: list[str]) -> tuple[pa.Table, np.ndarray | None]:
+    def _label_table(self, parts: pa.Table | None, label_names: list[str]) -> tuple[pa.Table, dict]:
+        """The consolidated labels, and the priors behind them (the teacher's; the estimated class prior)."""
         fingerprint = label_fingerprint(self.cfg)
         if parts is None or parts.num_rows == 0:
-            return LABELS_SCHEMA.empty_table(), None
+            return LABELS_SCHEMA.empty_table(), {}
         raw = np.asarray(parts["probs_raw"].to_pylist(), dtype=np.float64)
         prior = label_prior(raw)
         calibrated = calibrate(raw, prior)
+        estimated = None
+        if self.cfg.teacher.class_prior == "estimated":
+            calibrated, estimated = em_class_prior(calibrated)
         chosen, confidence = pick_labels(calibrated if self.cfg.teacher.calibrate else raw)
         table = pa.table(
             {
@@ -296,7 +302,8 @@ class PseudoLabelStore:
             },
             schema=LABELS_SCHEMA,
         )
-        return table, prior
+        named = {"label_prior": prior, "estimated_class_prior": estimated}
+        return table, {k: dict(zip(label_names, v.tolist())) for k, v in named.items() if v is not None}
 
     @staticmethod
     def _duplicates_as_rejects(parts: pa.Table | None, rows: list[int], first_of_id: dict[str, int]) -> pa.Table:
@@ -313,14 +320,15 @@ class PseudoLabelStore:
             return None
         return pa.concat_tables(pq.read_table(path, filesystem=self.fs) for path in files)
 
-    def _write_manifest(self, prior: np.ndarray | None, summary: StoreSummary) -> None:
+    def _write_manifest(self, priors: dict, summary: StoreSummary) -> None:
         manifest = {
             "teacher_fingerprint": teacher_fingerprint(self.cfg),
             "label_fingerprint": label_fingerprint(self.cfg),
             "model": model_identity(self.cfg.teacher.model),
             "task": self.cfg.task.model_dump(),
             "calibrate": self.cfg.teacher.calibrate,
-            "label_prior": None if prior is None else dict(zip(self.cfg.task.label_names, prior.tolist())),
+            "label_prior": priors.get("label_prior"),
+            "estimated_class_prior": priors.get("estimated_class_prior"),
             "counts": asdict(summary),
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from llkd_ray.config import Config, TrainingConfig
+from llkd_ray.errors import UserError
 from llkd_ray.storage import absolute
 
 STATE_FILE = "llkd_state.json"
@@ -93,6 +94,58 @@ def worker_resources(training: TrainingConfig) -> dict[str, float]:
     return resources
 
 
+# What a checkpoint's training depends on. A re-run under the same output.name resumes from its checkpoint, so a
+# run with a different recipe must not silently continue another one (where it runs, on how many workers, and
+# how many failures it may survive are left out: changing those resumes the same run).
+_NOT_RECIPE = {
+    "storage_path",
+    "max_failures",
+    "num_workers",
+    "cpus_per_worker",
+    "gpus_per_worker",
+    "accelerator_type",
+    "resources_per_worker",
+    "torch_threads",
+}
+
+
+def recipe_fingerprint(cfg: Config, pool_size: int) -> str:
+    import hashlib
+
+    recipe = {
+        "selection": cfg.selection.model_dump(),
+        "training": cfg.training.model_dump(exclude=_NOT_RECIPE),
+        "student": cfg.student.model_dump(),
+        "labels": cfg.task.label_names,
+        "pool_size": pool_size,
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_resumable(cfg: Config, pool_size: int) -> None:
+    """Refuse to resume a run whose checkpoints were trained with another recipe (see ``recipe_fingerprint``)."""
+    from pyarrow import fs as pafs
+
+    from llkd_ray import storage
+
+    filesystem, root = storage.resolve(absolute(cfg.training.storage_path))
+    run_root = f"{root.rstrip('/')}/{cfg.output.name}"
+    found = filesystem.get_file_info(pafs.FileSelector(run_root, recursive=True, allow_not_found=True))
+    expected = recipe_fingerprint(cfg, pool_size)
+    for info in found:
+        if info.base_name != STATE_FILE:
+            continue
+        with filesystem.open_input_stream(info.path) as stream:
+            saved = json.loads(stream.read()).get("recipe")
+        if saved != expected:
+            raise UserError(
+                f"{storage.join(cfg.training.storage_path, cfg.output.name)} holds a run named {cfg.output.name!r}"
+                " trained with another configuration (selection, training, student, labels or pool); a run of"
+                " the same name would resume it. Set output.name to a new name, or delete that directory to"
+                " start over"
+            )
+
+
 @dataclass
 class TrainResult:
     student_dir: Path
@@ -113,6 +166,7 @@ def train_student(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    check_resumable(cfg, pool.num_rows)
     training = cfg.training
     workers = training.num_workers
     holdout = holdout.append_column("holdout_index", pa.array(range(holdout.num_rows), type=pa.int64()))
@@ -153,7 +207,7 @@ def steps_per_epoch(training: TrainingConfig, pool_size: int) -> int:
     if training.steps_per_epoch:
         return training.steps_per_epoch
     samples_per_step = training.batch_size * training.num_workers
-    return max(1, math.ceil(training.epoch_fraction * pool_size / samples_per_step))
+    return max(training.min_steps_per_epoch, math.ceil(training.epoch_fraction * pool_size / samples_per_step))
 
 
 def learning_rate_at(step: int, total_steps: int, training: TrainingConfig) -> float:
@@ -553,6 +607,7 @@ def train_loop(loop_config: dict) -> None:
             "history": history,
             "used": np.flatnonzero(used).tolist(),
             "pool_size": pool_size,
+            "recipe": recipe_fingerprint(cfg, pool_size),
         }
         _checkpoint(engine, tokenizer, cfg, epoch, rank, state, metrics)
     if torch.distributed.is_initialized():

@@ -11,6 +11,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -91,7 +92,7 @@ class TestCluster:
                 "--address",
                 self.address,
                 f"--num-cpus={num_cpus}",
-                f"--temp-dir=/tmp/llkd_n{port}",
+                f"--temp-dir={TEST_TEMP_DIR}_n{port}",
                 f"--resources={json.dumps(resources)}",
                 f"--node-manager-port={port}",
                 "--object-store-memory=200000000",
@@ -131,7 +132,7 @@ def ray_cluster():
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
-            "--temp-dir=/tmp/llkd_ray_tests",
+            f"--temp-dir={TEST_TEMP_DIR}",
             "--disable-usage-stats",
         ],
         check=True,
@@ -146,7 +147,31 @@ def ray_cluster():
     )
     yield cluster
     ray.shutdown()
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    stop_test_cluster()
+
+
+# Every process of the test cluster names its temp dir on its command line (head and joined nodes alike), so the
+# teardown stops this cluster alone: `ray stop` would also kill any other Ray cluster on the host.
+TEST_TEMP_DIR = "/tmp/llkd_ray_tests"
+
+
+def stop_test_cluster(timeout_s: float = 60) -> None:
+    import psutil
+
+    def ours(process: psutil.Process) -> bool:
+        try:
+            return TEST_TEMP_DIR in " ".join(process.cmdline())
+        except psutil.Error:
+            return False
+
+    victims = [process for process in psutil.process_iter() if process.pid != os.getpid() and ours(process)]
+    for process in victims:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(victims, timeout=timeout_s)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 @pytest.fixture(scope="session")

@@ -85,3 +85,19 @@ def test_unlikely_multi_token_prefixes_are_not_followed():
     scored[(20,)][22] = log(1e-5)  # (20, 22) has probability 2e-6 so far
     assert prefixes_worth_following([(20, 22)], scored, [10], [(20, 21), (20, 22, 23)], floor=1e-5) == []
     assert prefixes_worth_following([(20, 22)], scored, [10], [(20, 21), (20, 22, 23)], floor=1e-6) == [(20, 22)]
+
+
+def test_em_recovers_the_class_prior_that_makes_the_corpus_most_likely():
+    from llkd_ray.label_scoring import em_class_prior
+
+    # 60 rows with (.9, .1) and 40 with (.2, .8), posteriors under a uniform prior. The likelihood
+    # 60·log(.1 + .8π) + 40·log(.8 - .6π) is largest where 48/(.1 + .8π) = 24/(.8 - .6π): π = 36/48 = .75.
+    posteriors = np.array([[0.9, 0.1]] * 60 + [[0.2, 0.8]] * 40)
+    adjusted, prior = em_class_prior(posteriors)
+    np.testing.assert_allclose(prior, [0.75, 0.25], atol=1e-6)
+    # each row's posterior under that prior: (.9·.75, .1·.25) and (.2·.75, .8·.25), renormalised
+    np.testing.assert_allclose(adjusted[0], [0.675 / 0.7, 0.025 / 0.7], atol=1e-6)
+    np.testing.assert_allclose(adjusted[-1], [0.15 / 0.35, 0.2 / 0.35], atol=1e-6)
+    # a corpus that is balanced already keeps the uniform prior
+    _, balanced = em_class_prior(np.array([[0.9, 0.1], [0.1, 0.9]] * 10))
+    np.testing.assert_allclose(balanced, [0.5, 0.5], atol=1e-9)

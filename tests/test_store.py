@@ -3,6 +3,7 @@
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -208,3 +209,25 @@ def test_object_store_writers_hold_a_lease(tmp_path):
     lease.write_text(json.dumps(stale))
     with second.writer():  # a writer that stopped refreshing an hour ago is gone
         pass
+
+
+def test_an_estimated_class_prior_is_applied_and_recorded(tmp_path):
+    rows = [
+        {"id": f"a{i}", "text": f"A{i}", "source": f"f:{i}", "probs_raw": [0.9, 0.1], "label_mass": 1.0}
+        for i in range(3)
+    ]
+    rows.append({"id": "b", "text": "B", "source": "f:9", "probs_raw": [0.55, 0.45], "label_mass": 1.0})
+    for prior in ("uniform", "estimated"):
+        cfg = make_config(store={"path": str(tmp_path / prior)}, teacher={"class_prior": prior})
+        store = PseudoLabelStore(cfg)
+        store.commit(scored(rows))
+        summary = store.finalize()
+        manifest = json.loads((Path(store.root) / "manifest.json").read_text())
+        labels = pq.read_table(summary.labels_path).to_pylist()
+        if prior == "uniform":
+            assert manifest["estimated_class_prior"] is None
+            assert labels[-1]["label"] == "negative"  # prior (.8125, .1875): .55/.8125 < .45/.1875
+        else:
+            estimated = manifest["estimated_class_prior"]
+            assert estimated["positive"] == pytest.approx(0.8125, abs=1e-4)  # EM by hand: .637 = .784π
+            assert labels[-1]["label"] == "positive"  # the estimated prior flips it back

@@ -216,8 +216,9 @@ def test_every_selector_gets_the_same_step_budget():
     from llkd_ray.config import TrainingConfig
     from llkd_ray.training import epoch_batches, steps_per_epoch
 
-    # ceil(.25 · 4000 / (32 · 2)) = 16 steps a worker, whatever the selection
-    assert steps_per_epoch(TrainingConfig(batch_size=32, num_workers=2, epoch_fraction=0.25), 4000) == 16
+    # ceil(.25 · 40000 / (32 · 2)) = 157 steps a worker, whatever the selection; never under the minimum
+    assert steps_per_epoch(TrainingConfig(batch_size=32, num_workers=2, epoch_fraction=0.25), 40000) == 157
+    assert steps_per_epoch(TrainingConfig(batch_size=32, num_workers=2, min_steps_per_epoch=32), 4000) == 32
     assert steps_per_epoch(TrainingConfig(steps_per_epoch=7), 4000) == 7
     lengths = np.arange(1000)
     rng = np.random.default_rng(0)
@@ -251,3 +252,19 @@ def test_the_distillation_loss_against_hand_values():
     assert float(distillation_loss(logits, targets, teacher, weights, soft_cfg)) == pytest.approx(
         float(expected), abs=1e-4
     )
+
+
+def test_a_rerun_with_another_recipe_is_refused_instead_of_resuming_the_old_run(tmp_path):
+    from llkd_ray.errors import UserError
+    from llkd_ray.training import STATE_FILE, check_resumable, recipe_fingerprint
+
+    cfg = config(tmp_path, "named-run")
+    check_resumable(cfg, 120)  # nothing there yet
+    checkpoint = tmp_path / "ray" / "named-run" / "epoch-001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / STATE_FILE).write_text(json.dumps({"epoch": 1, "recipe": recipe_fingerprint(cfg, 120)}))
+    check_resumable(cfg, 120)  # the same recipe resumes
+    check_resumable(config(tmp_path, "named-run", num_workers=2, max_failures=3), 120)  # where it runs: the same
+    for changed, pool_size in ((config(tmp_path, "named-run", learning_rate=3e-5), 120), (cfg, 121)):
+        with pytest.raises(UserError, match="trained with another configuration"):
+            check_resumable(changed, pool_size)
