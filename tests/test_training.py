@@ -48,6 +48,7 @@ def config(tmp_path: Path, name: str, **training):
             "batch_size": 16,
             "learning_rate": 1e-4,
             "cpus_per_worker": 0.5,
+            "min_steps_per_epoch": 4,  # a 120-row pool: 4 steps an epoch keep these tests short
             **training,
         },
         output={"name": name, "dir": str(tmp_path / "runs")},
@@ -84,8 +85,12 @@ def test_selection_is_the_same_with_one_and_two_workers(ray_cluster, tmp_path, p
     assert one.used_pool_indices == two.used_pool_indices
     assert one.history[1]["selected"] < one.history[0]["selected"]  # the student gate did act in epoch 2
     for epoch in (0, 1):
-        for key in ("selected", "selected_per_class", "teacher_thresholds", "student_thresholds"):
+        for key in ("selected", "selected_per_class"):
             assert one.history[epoch][key] == two.history[epoch][key], (epoch, key)
+        # Thresholds are means and quantiles, blind to order: they may differ in the last digit, since a shard
+        # batches its texts differently (other padding, float noise of ~1e-7 before the 6-decimal rounding).
+        for key in ("teacher_thresholds", "student_thresholds"):
+            assert one.history[epoch][key] == pytest.approx(two.history[epoch][key], abs=2e-4), (epoch, key)
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
