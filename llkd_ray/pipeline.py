@@ -138,20 +138,16 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
 
 def what_the_student_buys(cfg: Config, profile: dict, labeling: dict, clock: StageClock) -> dict:
     """The student next to its teacher: size, texts/s on this machine, and what labeling cost."""
-    from llkd_ray.evaluation import directory_megabytes
-    from llkd_ray.model_sources import resolve_model
+    from llkd_ray.model_sources import local_weights_megabytes
 
-    try:
-        teacher_megabytes = round(directory_megabytes(resolve_model(cfg.teacher.model)), 1)
-    except Exception:  # a hub id not cached here: the size is unknown, nothing else depends on it
-        teacher_megabytes = None
+    teacher_megabytes = local_weights_megabytes(cfg.teacher.model)  # None where the driver does not hold it
     labeled_now, labeling_seconds = labeling.get("labeled_this_run", 0), clock.seconds.get(LABELING_STAGE)
     teacher_rate = round(labeled_now / labeling_seconds, 1) if labeled_now and labeling_seconds else None
     return {
         "student_parameters": profile["parameters"],
         "student_megabytes": profile["megabytes"],
         "student_texts_per_second": profile["texts_per_second"],
-        "teacher_megabytes": teacher_megabytes,
+        "teacher_megabytes": None if teacher_megabytes is None else round(teacher_megabytes, 1),
         # Rows labeled this run over the labeling stage's wall time (engine load included): what a re-label costs.
         "teacher_texts_per_second": teacher_rate,
         "labeling_seconds": labeling_seconds if labeled_now else None,

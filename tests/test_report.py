@@ -18,3 +18,17 @@ def test_the_student_is_put_next_to_its_teacher():
     )
     resumed = buys | {"teacher_texts_per_second": None, "labeling_seconds": None, "teacher_megabytes": None}
     assert buys_line(resumed) == "what the student buys: student 87 MB; 400 texts/s on this machine"
+
+
+def test_the_teachers_size_is_read_only_where_its_weights_already_are(tmp_path, monkeypatch):
+    from llkd_ray.model_sources import local_weights_megabytes
+
+    model = tmp_path / "teacher"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"\0" * 2**20 * 3)
+    assert local_weights_megabytes(str(model)) == 3.0
+    # A hub id is neither downloaded nor looked up: a cluster's driver need not hold a 70B teacher.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert local_weights_megabytes("meta-llama/Llama-3.3-70B-Instruct") is None
+    assert local_weights_megabytes(str(tmp_path / "not-there")) is None
