@@ -122,7 +122,14 @@ def test_llkd_run_prints_stages_a_progress_bar_and_one_line_per_epoch(ray_cluste
     lines = terminal.splitlines()
     assert len(lines) <= 40, terminal
     assert all(line.startswith("[llkd] ") or not line.strip() for line in lines), terminal
-    for stage in ("stage 1/3", "stage 2/3", "stage 3/3", "holdout macro-F1: student", "done in"):
+    for stage in (
+        "stage 1/3",
+        "stage 2/3",
+        "stage 3/3",
+        "holdout macro-F1: student",
+        "what the student buys",
+        "done in",
+    ):
         assert sum(stage in line for line in lines) == 1, (stage, terminal)
     epochs = [line for line in lines if re.match(r"\[llkd\] epoch \d/2 \| selected", line)]
     assert [line.split()[2] for line in epochs] == ["1/2", "2/2"], terminal  # each epoch once, in order
@@ -134,6 +141,7 @@ def test_llkd_run_prints_stages_a_progress_bar_and_one_line_per_epoch(ray_cluste
     report = (tmp_path / "runs" / "console" / "report.md").read_text()
     assert "## Where the time went" in report and "| labeling (Ray start, teacher load, scoring) |" in report
     assert "[`run.log`](run.log)" in report
+    assert "## What the student buys" in report and "smaller than the teacher" in report
 
 
 @pytest.fixture()
