@@ -172,20 +172,18 @@ def _text(stream: IO[bytes], newline: str) -> io.TextIOWrapper:
     return io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline=newline)
 
 
-class RowTooLong:
-    """Stands in for a line longer than the limit, which is skipped without being held in memory."""
+class RowTooLong(Exception):
+    """A line longer than the limit, skipped without being held in memory: returned by ``BoundedLines`` in its
+    place, raised by ``_CsvLines`` (the csv module takes strings only)."""
 
     def __init__(self, start: str, limit: int):
+        super().__init__(f"row longer than {limit:,} characters (corpus rows are read whole; split the file's rows)")
         self.start = start[:200]
-        self.limit = limit
-
-    def __str__(self) -> str:
-        return f"row longer than {self.limit:,} characters (corpus rows are read whole; split the file's rows)"
 
 
 class BoundedLines:
     """The lines of a text stream, each at most ``limit`` characters: a longer one is consumed in pieces and
-    returned as a ``RowTooLong``, so no line is ever held whole. An iterator the csv module can read from."""
+    returned as a ``RowTooLong``, so no line is ever held whole."""
 
     def __init__(self, handle: io.TextIOBase, limit: int):
         self.handle = handle
@@ -214,20 +212,18 @@ class _CsvLines(BoundedLines):
     def __next__(self) -> str:
         line = super().__next__()
         if isinstance(line, RowTooLong):
-            raise RowTooLongError(line)
+            raise line
         return line
 
 
-class RowTooLongError(Exception):
-    def __init__(self, row: RowTooLong):
-        super().__init__(str(row))
-        self.row = row
+def _csv_reader(stream: IO[bytes], fmt: str) -> tuple[_CsvLines, csv.DictReader]:
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    lines = _CsvLines(_text(stream, newline=""), MAX_ROW_CHARS)  # the csv module wants newline=""
+    return lines, csv.DictReader(lines, delimiter="\t" if fmt == "tsv" else ",")
 
 
 def _csv_rows(stream: IO[bytes], path: str, fmt: str, cfg: CorpusConfig, has_id: bool) -> Iterator[dict]:
-    csv.field_size_limit(CSV_FIELD_LIMIT)
-    lines = _CsvLines(_text(stream, newline=""), MAX_ROW_CHARS)  # the csv module wants newline=""
-    reader = csv.DictReader(lines, delimiter="\t" if fmt == "tsv" else ",")
+    lines, reader = _csv_reader(stream, fmt)
     _require_columns(reader.fieldnames or [], cfg, path)
     while True:
         last_line = lines.number
@@ -235,8 +231,8 @@ def _csv_rows(stream: IO[bytes], path: str, fmt: str, cfg: CorpusConfig, has_id:
             record = next(reader)
         except StopIteration:
             return
-        except RowTooLongError as error:  # the reader starts afresh at the next line
-            yield _rejected(error.row.start, f"{path}:{last_line + 1}", str(error))
+        except RowTooLong as error:  # the reader starts afresh at the next line
+            yield _rejected(error.start, f"{path}:{last_line + 1}", str(error))
             continue
         except csv.Error as error:  # a field over the limit, say: this row is rejected, the reader goes on
             yield _rejected("", f"{path}:{last_line + 1}", f"malformed row: {error}")
@@ -368,10 +364,10 @@ def preflight(source: str, cfg: CorpusConfig) -> None:
         _require_columns(pq.read_schema(source).names, cfg, source)
     elif fmt in ("csv", "tsv"):
         with open(source, "rb") as raw, _decompressed(raw, source) as stream:
-            header = next(BoundedLines(_text(stream, newline=""), MAX_ROW_CHARS), "")
-        columns = next(
-            csv.reader([header if isinstance(header, str) else ""], delimiter="\t" if fmt == "tsv" else ","), []
-        )
+            try:
+                columns = _csv_reader(stream, fmt)[1].fieldnames or []
+            except RowTooLong:  # a header over the row limit names no usable column
+                columns = []
         _require_columns(columns, cfg, source)
 
 
@@ -423,7 +419,7 @@ def read_file_rows(files: pa.Table, cfg: CorpusConfig, source: str) -> Iterator[
 def _stream_file(fs: pafs.FileSystem, path: str, cfg: CorpusConfig) -> Iterator[dict]:
     fmt = detect_format(path, cfg.format)
     if fmt == "parquet" and not path.endswith((".gz", ".bz2")):
-        with fs.open_input_file(path) as handle:  # Parquet needs random access: its footer comes first
+        with fs.open_input_file(path) as handle:  # Parquet needs random access: its footer is read first
             yield from keyed_rows(parse_stream(handle, path, fmt, cfg), path)
         return
     with fs.open_input_stream(path, compression=None) as raw, _decompressed(raw, path) as stream:
