@@ -198,7 +198,7 @@ def teacher_gate(scores_teacher_probs: np.ndarray, labels: np.ndarray, state: Th
     """Step 1 (module docstring): move the teacher's averages and return K, the teacher-confident mask."""
     confidence = scores_teacher_probs[np.arange(len(labels)), labels]
     state.update_teacher(scores_teacher_probs, confidence, cfg.momentum, cfg.teacher_quantile)
-    teacher_thr = max_norm(np.asarray(state.teacher_class)) * state.teacher_global
+    teacher_thr, _ = state.thresholds()
     return confidence >= teacher_thr[labels]
 
 
