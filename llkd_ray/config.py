@@ -134,10 +134,11 @@ class TeacherConfig(_Section):
     # from the calibrated distributions by EM (Saerens et al. 2002) and puts it back in: for corpora where one
     # class dominates. Not yet the default: it has not been measured on the benchmark's dev splits.
     class_prior: Literal["uniform", "estimated"] = "uniform"
-    # vLLM backend: a multi-token label variant is followed past a token only while its probability so far is
-    # at least this fraction of the label mass already scored; each one dropped moves a label probability by less
-    # than this (teacher_backends.prefixes_worth_following). 0 follows every variant to its end.
-    continuation_floor: float = Field(default=1e-5, ge=0, lt=1)
+    # vLLM backend: multi-token label variants too unlikely to matter are not followed past their first tokens,
+    # the unlikeliest first, while no label's probability can move by more than this in all
+    # (teacher_backends.prefixes_worth_following). Half the backends' agreement tolerance (2e-3) by default;
+    # 0 follows every variant to its end. Each variant followed costs the teacher one more request per text.
+    continuation_tolerance: float = Field(default=1e-3, ge=0, lt=1)
     vllm: VLLMOptions = VLLMOptions()
 
     @model_validator(mode="after")
@@ -242,6 +243,9 @@ class ServeConfig(_Section):
     port: int = Field(default=8000, ge=0, le=65535)
     batching: bool = True  # batch texts across concurrent callers with @serve.batch
     max_batch_size: int = Field(default=64, gt=0)
+    # Texts per forward: a request's (or a Serve batch's) texts are sorted by length and run this many at a time,
+    # each forward padded to its own longest text (on 2 cores 8 beat 4, 16 and one padded batch of 32).
+    forward_batch_size: int = Field(default=8, gt=0)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, ge=1)
@@ -267,6 +271,14 @@ class ServeConfig(_Section):
     # says so: an open endpoint should be a decision, not a default.
     allow_unauthenticated: bool = False
     max_length: int | None = Field(default=None, gt=0)  # tokens per text; None: the student's training length
+    # Ray Serve's throughput-optimized mode for a cluster llkd starts (a running cluster keeps the mode it was
+    # started with; cluster/*.yaml start theirs with it): gRPC from proxy to replica, user code and router on the
+    # replica's event loop, and direct ingress, where each replica also answers HTTP on a port of its own
+    # (from 30000), bypassing the proxy. On 2 cores the proxy was the wall (benchmarks/serve_load.py).
+    throughput_optimized: bool = True
+    # Torch threads per replica. None: every core of the replica's node (Ray would export OMP_NUM_THREADS=num_cpus,
+    # one thread for num_cpus=1, and a batched replica runs one forward at a time: half of a 2-core box idle).
+    torch_threads: int | None = Field(default=None, gt=0)
 
 
 class RayConfig(_Section):

@@ -81,8 +81,8 @@ def _digest(payload: dict) -> str:
 
 def teacher_fingerprint(cfg: Config) -> str:
     """Identifies what the teacher's raw scores depend on: the weights, the prompt and the labels. Not how they
-    are computed: the backends agree within 2e-3, and teacher.continuation_floor moves a probability by less than
-    itself per variant dropped."""
+    are computed: the backends agree within 2e-3, and teacher.continuation_tolerance bounds what variants not followed
+    move a probability by."""
     return _digest(
         {
             "model": model_identity(cfg.teacher.model),

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,7 @@ class StudentClassifier:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.options = ServeConfig.model_validate(options)
+        torch.set_num_threads(self.options.torch_threads or os.cpu_count() or 1)
         # A student on a URI is fetched by each replica, on whichever node it lands.
         local_dir = storage.fetch_directory(student_dir) if storage.is_uri(student_dir) else Path(student_dir)
         self.network = AutoModelForSequenceClassification.from_pretrained(local_dir).eval()
@@ -165,7 +167,17 @@ class StudentClassifier:
         self.max_length = self.options.max_length or self.metadata.get("max_length") or 512
         self.token = os.environ.get(self.options.token_env) or None
         self.student_dir = student_dir
-        self.stats = {"requests": 0, "texts": 0, "forward_passes": 0, "largest_batch": 0}
+        # Where a request's time goes, summed over requests: in_replica_s from the body read to the answer;
+        # tokenize_s and forward_s over forward passes (a batch's pass serves all its callers).
+        self.stats = {
+            "requests": 0,
+            "texts": 0,
+            "forward_passes": 0,
+            "largest_batch": 0,
+            "in_replica_s": 0.0,
+            "tokenize_s": 0.0,
+            "forward_s": 0.0,
+        }
         self._batched.set_max_batch_size(self.options.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
 
@@ -174,7 +186,9 @@ class StudentClassifier:
 
         self.stats["forward_passes"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(texts))
-        probs = predict_probs(self.network, self.tokenizer, texts, self.max_length, batch_size=len(texts))
+        probs = predict_probs(
+            self.network, self.tokenizer, texts, self.max_length, self.options.forward_batch_size, self.stats
+        )
         return [
             {
                 "label": self.labels[int(row.argmax())],
@@ -229,7 +243,10 @@ class StudentClassifier:
             "training": self.metadata,
             "batching": self.options.batching,
             "max_length": self.max_length,
-            "stats": {**self.stats, "peak_rss_mb": round(_peak_rss_mb(), 1)},
+            "stats": {
+                **{key: round(value, 4) if isinstance(value, float) else value for key, value in self.stats.items()},
+                "peak_rss_mb": round(_peak_rss_mb(), 1),
+            },
         }
 
     @app.post(
@@ -246,6 +263,13 @@ class StudentClassifier:
     async def classify(self, request: Request) -> Any:
         if not self._authorized(request):
             return self._error(401, "missing or wrong bearer token")
+        started = time.perf_counter()
+        try:
+            return await self._classify(request)
+        finally:
+            self.stats["in_replica_s"] += time.perf_counter() - started
+
+    async def _classify(self, request: Request) -> Any:
         try:
             texts, truncated = parse_texts(await read_body(request, self.options.max_body_bytes), self.options)
         except BadRequest as error:
@@ -308,11 +332,52 @@ def require_a_token_when_exposed(options: ServeConfig, where: str) -> None:
     )
 
 
+# Read by Serve's controller, proxies and replicas when they start. A local cluster has no load balancer to
+# drain from, so direct ingress's 30 s minimum drain at shutdown is cut to 1 s.
+THROUGHPUT_OPTIMIZED_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+}
+
+
+def use_throughput_optimized_serve(options: ServeConfig) -> None:
+    """Before this process starts a local cluster: its Serve runs throughput-optimized unless told otherwise (an
+    environment variable already set wins)."""
+    if options.throughput_optimized:
+        for key, value in THROUGHPUT_OPTIMIZED_ENV.items():
+            os.environ.setdefault(key, value)
+
+
+def direct_ingress_urls(options: ServeConfig, app_name: str = APP_NAME) -> list[str]:
+    """Where the app's replicas answer HTTP themselves (direct ingress), from Serve's target groups; empty when the
+    cluster does not run direct ingress. A replica binds ``serve.host`` as the proxy does: on all interfaces it is
+    reached at its node's IP."""
+    from ray.serve.context import _get_global_client
+
+    try:
+        details = _get_global_client().get_serve_details()
+    except Exception:  # Serve's details API is alpha: never fail serving over a log line
+        return []
+    everywhere = options.host in ("0.0.0.0", "::")
+    return [
+        f"http://{target['ip'] if everywhere else options.host}:{target['port']}"
+        for group in details.get("target_groups") or []
+        if group.get("app_name") == app_name and group.get("protocol") == "HTTP"
+        for target in group.get("targets") or []
+        if "Proxy" not in target.get("name", "")
+    ]
+
+
 def start_serving(student: str, options: ServeConfig, blocking: bool = True):
     serve.start(
         http_options={"host": options.host, "port": options.port, "request_timeout_s": options.request_timeout_s}
     )
-    return serve.run(build_app(student, options), name=APP_NAME, route_prefix="/", blocking=blocking)
+    handle = serve.run(build_app(student, options), name=APP_NAME, route_prefix="/", blocking=False)
+    for url in direct_ingress_urls(options):
+        logger.info("a replica also answers directly, bypassing the proxy, at %s", url)
+    while blocking:  # as serve.run(blocking=True): until Ctrl-C
+        time.sleep(10)
+    return handle
 
 
 def _cluster_address(cfg: Config) -> str | None:
@@ -332,6 +397,8 @@ def serve_command(student: str | None, cfg: Config, detach: bool = False, stop: 
     resolve_student_dir(student)  # a wrong path fails here, before any cluster starts
     if not is_loopback(cfg.serve.host):
         require_a_token_when_exposed(cfg.serve, f"on {cfg.serve.host}")
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        use_throughput_optimized_serve(cfg.serve)  # for a cluster started below
     if detach:
         address = _cluster_address(cfg)
         if address is None:

@@ -135,14 +135,20 @@ def labeling_cost_note(cfg: Config) -> str:
     verbalizer = build_verbalizer(cfg.task, AutoTokenizer.from_pretrained(resolve_model(cfg.teacher.model)))
     requests = verbalizer.engine_requests_per_text
     multi = len(verbalizer.multi_token_continuations)
+    tolerance = cfg.teacher.continuation_tolerance
     note = (
         f"teacher: {len(verbalizer.variants)} label variants, {multi} of them several tokens long; each text costs"
-        f" {requests} engine request(s): the prompt's prefill"
-        + (f", plus {requests - 1} of a few tokens each on top of the cached prompt" if requests > 1 else "")
+        + (
+            f" up to {requests} engine requests: the prompt's prefill, plus up to {requests - 1} of a few tokens"
+            " each on top of the cached prompt (variants too unlikely to matter are not followed, within"
+            f" teacher.continuation_tolerance={tolerance:g})"
+            if requests > 1
+            else " 1 engine request: the prompt's prefill"
+        )
     )
     if requests > MANY_REQUESTS:
         note += (
-            f". Warning: {requests} requests per text slow labeling down; label names (or verbalizers) of one"
+            f". Warning: up to {requests} requests per text slow labeling down; label names (or verbalizers) of one"
             " token each cost one request"
         )
     return note

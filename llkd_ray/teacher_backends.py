@@ -63,23 +63,33 @@ def prefix_logprob(scored: dict, prefix: tuple[int, ...]) -> float:
     return total
 
 
-def prefixes_worth_following(prefixes: list, scored: dict, token_ids: list[int], continuations: list, floor: float):
-    """The prefixes (all of one depth d) whose probability so far is at least ``floor`` times the label mass
-    already scored exactly: the one-token variants, and the continuations no longer than d.
+def prefixes_worth_following(
+    prefixes: list, scored: dict, token_ids: list[int], continuations: list, tolerance: float, dropped: float = 0.0
+) -> tuple[list, float]:
+    """The prefixes (all of one depth d) worth another request, and the probability mass left unfollowed so far.
 
-    A variant's probability never exceeds its prefix's, so each variant dropped lowers the label mass by less
-    than ``floor`` times the total and moves any label's probability by less than ``floor``. Variants the model
-    would not write (a missing leading space, an odd casing) are typically dropped after their first token.
+    Every continuation under a prefix has at most the prefix's probability, so not following the prefix loses at
+    most that much per continuation. The unlikeliest prefixes are dropped first while everything dropped (this
+    depth and the ones before, ``dropped``) stays within ``tolerance`` times the label mass already scored
+    exactly: the one-token variants and the continuations no longer than d. That mass only grows, so in the end
+    no label's normalized probability moves by more than ``tolerance``. Variants the model would not write (a
+    missing leading space, an odd casing) typically go after their first token.
     """
-    if floor <= 0:
-        return list(prefixes)
-    depth = len(prefixes[0]) if prefixes else 0
+    if tolerance <= 0 or not prefixes:
+        return list(prefixes), dropped
+    depth = len(prefixes[0])
     exact = [scored[()][token] for token in token_ids]
     exact += [prefix_logprob(scored, c) for c in continuations if len(c) <= depth]
-    if not exact or not np.isfinite(max(exact)):
-        return list(prefixes)
-    bar = np.log(floor) + np.logaddexp.reduce(exact)
-    return [prefix for prefix in prefixes if prefix_logprob(scored, prefix) >= bar]
+    budget = tolerance * float(np.exp(np.logaddexp.reduce(exact))) if exact else 0.0
+    under = {prefix: sum(1 for c in continuations if len(c) > depth and c[:depth] == prefix) for prefix in prefixes}
+    cost = {prefix: float(np.exp(prefix_logprob(scored, prefix))) * under[prefix] for prefix in prefixes}
+    kept = []
+    for prefix in sorted(prefixes, key=cost.__getitem__):
+        if dropped + cost[prefix] <= budget:
+            dropped += cost[prefix]
+        else:
+            kept.append(prefix)
+    return [prefix for prefix in prefixes if prefix in kept], dropped
 
 
 def make_backend(model_dir: Path, cfg: TeacherConfig) -> TeacherBackend:
@@ -127,7 +137,7 @@ class VLLMBackend:
             kwargs["block_size"] = 32
         kwargs.update(options.engine_kwargs)
         self.llm = LLM(**kwargs)
-        self.floor = cfg.continuation_floor
+        self.tolerance = cfg.continuation_tolerance
 
     def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> np.ndarray:
         return self.label_logprobs(prompts, token_ids, [])[0]
@@ -146,8 +156,8 @@ class VLLMBackend:
         request keeps vLLM's prefix cache (V1 skips it for prompt_logprobs) and computes one row of the
         vocabulary head, so a continuation costs its own tokens plus the prompt's last partial block. Requests go
         in rounds by depth, so the prompt a round extends is already cached, and in chunks of prompts whose KV
-        blocks fit the cache, so it is still there. A prefix too unlikely to matter is not followed
-        (``prefixes_worth_following``): its variants score -inf.
+        blocks fit the cache, so it is still there. Prefixes too unlikely to matter are not followed, within
+        ``teacher.continuation_tolerance`` in all (``prefixes_worth_following``): their variants score -inf.
         """
         from llkd_ray.prompts import scoring_prefixes
 
@@ -169,18 +179,21 @@ class VLLMBackend:
         from vllm import SamplingParams
 
         scored: list[dict] = [{} for _ in prompts]
+        dropped = [0.0] * len(prompts)  # per prompt: probability mass left unfollowed so far
         for depth in sorted({len(prefix) for prefix in wanted}):
             at_depth = [prefix for prefix in wanted if len(prefix) == depth and wanted[prefix]]
-            requests = [
-                (row, prefix, wanted[prefix][i : i + self.max_ids_per_request])
-                for row in range(len(prompts))
-                for prefix in (
-                    prefixes_worth_following(at_depth, scored[row], token_ids, continuations, self.floor)
-                    if depth
-                    else at_depth
-                )
-                for i in range(0, len(wanted[prefix]), self.max_ids_per_request)
-            ]
+            requests = []
+            for row in range(len(prompts)):
+                followed = at_depth
+                if depth:
+                    followed, dropped[row] = prefixes_worth_following(
+                        at_depth, scored[row], token_ids, continuations, self.tolerance, dropped[row]
+                    )
+                requests += [
+                    (row, prefix, wanted[prefix][i : i + self.max_ids_per_request])
+                    for prefix in followed
+                    for i in range(0, len(wanted[prefix]), self.max_ids_per_request)
+                ]
             if not requests:
                 continue
             params = [SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=ids) for _, _, ids in requests]

@@ -120,6 +120,10 @@ def ray_cluster():
     same machine would kill the first one's jobs."""
     import ray
 
+    from llkd_ray.config import ServeConfig
+    from llkd_ray.serving import use_throughput_optimized_serve
+
+    use_throughput_optimized_serve(ServeConfig())  # Serve as `llkd serve` runs it on a cluster it starts
     port, dashboard_port = free_port(), free_port()
     subprocess.run(
         [

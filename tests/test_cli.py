@@ -83,8 +83,8 @@ def test_check_config_says_what_each_text_costs_the_teacher(capsys):
     words = "task.labels=[{name: money-fx}, {name: acq}, {name: crude}, {name: earn}, {name: interest}]"
     assert main(["check-config", teacher, words, "task.examples=[]"]) == 0
     note = capsys.readouterr().err
-    assert "13 of them several tokens long; each text costs 18 engine request(s)" in note
-    assert "Warning: 18 requests per text" in note
+    assert "13 of them several tokens long; each text costs up to 18 engine requests" in note
+    assert "Warning: up to 18 requests per text" in note
 
 
 def test_version():
@@ -170,24 +170,36 @@ def test_serve_detach_outlives_the_command_on_a_cluster_it_starts_and_stop_ends_
         timeout=300,
         env=env,
     )
-    assert detached.returncode == 0, detached.stderr[-3000:]
-    assert "starting a local one that outlives this command" in detached.stderr
-    assert "llkd serve --stop" in detached.stderr
-    started = json.loads((tmp_path / "cache" / "local-cluster.json").read_text())
-    # The command has returned: the endpoint is still there.
-    response = requests.post(f"http://127.0.0.1:{port}/v1/classify", json={"texts": ["A fine film."]}, timeout=60)
-    assert response.status_code == 200 and response.json()["predictions"][0]["label"] in ("positive", "negative")
+    state = tmp_path / "cache" / "local-cluster.json"
+    try:
+        assert detached.returncode == 0, detached.stderr[-3000:]
+        assert "starting a local one that outlives this command" in detached.stderr
+        assert "llkd serve --stop" in detached.stderr
+        started = json.loads(state.read_text())
+        # The command has returned: the endpoint is still there.
+        response = requests.post(f"http://127.0.0.1:{port}/v1/classify", json={"texts": ["A fine film."]}, timeout=60)
+        assert response.status_code == 200 and response.json()["predictions"][0]["label"] in ("positive", "negative")
+        # Throughput-optimized Serve: the replica also answers on a port of its own, with the same prediction.
+        direct = re.search(r"bypassing the proxy, at (http://\S+)", detached.stderr)
+        assert direct, detached.stderr[-3000:]
+        direct_response = requests.post(f"{direct[1]}/v1/classify", json={"texts": ["A fine film."]}, timeout=60)
+        assert direct_response.json() == response.json()
 
-    stopped = subprocess.run([LLKD, "serve", "--stop", *common], capture_output=True, text=True, timeout=300, env=env)
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert "stopped the endpoint and the local Ray cluster" in stopped.stderr
-    with pytest.raises(requests.ConnectionError):
-        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
-    gcs_port = started["address"].rsplit(":", 1)[1]
-    deadline = time.time() + 60
-    while subprocess.run(["pgrep", "-f", f"gcs_server.*--gcs_server_port={gcs_port}"]).returncode == 0:
-        assert time.time() < deadline, "the detached cluster's GCS is still running"
-        time.sleep(1)
+        stopped = subprocess.run(
+            [LLKD, "serve", "--stop", *common], capture_output=True, text=True, timeout=300, env=env
+        )
+        assert stopped.returncode == 0, stopped.stderr[-3000:]
+        assert "stopped the endpoint and the local Ray cluster" in stopped.stderr
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+        gcs_port = started["address"].rsplit(":", 1)[1]
+        deadline = time.time() + 60
+        while subprocess.run(["pgrep", "-f", f"gcs_server.*--gcs_server_port={gcs_port}"]).returncode == 0:
+            assert time.time() < deadline, "the detached cluster's GCS is still running"
+            time.sleep(1)
+    finally:
+        if state.exists():  # a failure above must not leave the detached cluster running
+            subprocess.run([LLKD, "serve", "--stop", *common], capture_output=True, timeout=300, env=env)
 
 
 def test_serving_beyond_loopback_without_a_token_is_refused(exported_student, tmp_path, monkeypatch, capfd):

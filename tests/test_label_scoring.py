@@ -65,9 +65,9 @@ def test_a_label_whose_forms_all_have_zero_probability():
     np.testing.assert_allclose(mass, [0.5])
 
 
-def test_unlikely_multi_token_prefixes_are_not_followed():
-    """Hand-computed: one single-token variant (p .5), continuations (20, 21) and (30, 31) with first-token
-    probabilities .2 and 1e-7. The bar is floor x the mass scored exactly (.5)."""
+def test_unlikely_multi_token_prefixes_are_not_followed_within_a_total_tolerance():
+    """Hand-computed: one single-token variant (p .5); continuations (20, 21) and (30, 31) with first-token
+    probabilities .2 and 1e-7. What may be left unfollowed in all is tolerance x the mass scored exactly (.5)."""
     from math import log
 
     from llkd_ray.teacher_backends import prefix_logprob, prefixes_worth_following
@@ -75,16 +75,25 @@ def test_unlikely_multi_token_prefixes_are_not_followed():
     scored = {(): {10: log(0.5), 20: log(0.2), 30: log(1e-7)}}
     continuations = [(20, 21), (30, 31)]
     depth_one = [(20,), (30,)]
-    assert prefixes_worth_following(depth_one, scored, [10], continuations, floor=1e-5) == [(20,)]  # 1e-7 < 5e-6
-    assert prefixes_worth_following(depth_one, scored, [10], continuations, floor=1e-7) == [(20,), (30,)]
-    assert prefixes_worth_following(depth_one, scored, [10], continuations, floor=0) == [(20,), (30,)]
+    assert prefixes_worth_following(depth_one, scored, [10], continuations, 1e-5) == ([(20,)], pytest.approx(1e-7))
+    assert prefixes_worth_following(depth_one, scored, [10], continuations, 1e-7) == (depth_one, 0.0)  # 1e-7 > 5e-8
+    assert prefixes_worth_following(depth_one, scored, [10], continuations, 0) == (depth_one, 0.0)
+    # What earlier depths left unfollowed counts against the same budget (5e-6): 4.95e-6 + 1e-7 is over it.
+    assert prefixes_worth_following(depth_one, scored, [10], continuations, 1e-5, 4.95e-6)[0] == depth_one
     scored[(20,)] = {21: log(0.5)}
     assert prefix_logprob(scored, (20, 21)) == pytest.approx(log(0.1))
     assert prefix_logprob(scored, (30, 31)) == float("-inf")  # not followed: its variant scores nothing
-    # Deeper: a completed continuation counts in the exact mass (.5 + .1 = .6 → bar 6e-6).
-    scored[(20,)][22] = log(1e-5)  # (20, 22) has probability 2e-6 so far
-    assert prefixes_worth_following([(20, 22)], scored, [10], [(20, 21), (20, 22, 23)], floor=1e-5) == []
-    assert prefixes_worth_following([(20, 22)], scored, [10], [(20, 21), (20, 22, 23)], floor=1e-6) == [(20, 22)]
+
+    # The budget is a total: prefixes of 3.4e-6, 3.4e-6 and 2.8e-6 under a budget of 6e-6 lose only one, the unlikeliest
+    # first. A completed continuation counts in the exact mass (.5 + .1 = .6).
+    scored[(20,)].update({22: log(1.7e-5), 24: log(1.7e-5), 26: log(1.4e-5)})  # (20, 26): 2.8e-6
+    deep = [(20, 22, 23), (20, 24, 25), (20, 26, 27)]
+    kept, dropped = prefixes_worth_following([(20, 22), (20, 24), (20, 26)], scored, [10], [(20, 21), *deep], 1e-5)
+    assert kept == [(20, 22), (20, 24)] and dropped == pytest.approx(2.8e-6)  # 2.8e-6 + 3.4e-6 > 6e-6
+    # A prefix two continuations share may lose both: it costs twice its probability. Budget 9e-6 x .6 = 5.4e-6.
+    one, two = [(20, 22, 23)], [(20, 22, 23), (20, 22, 29)]
+    assert prefixes_worth_following([(20, 22)], scored, [10], [(20, 21), *one], 9e-6)[0] == []  # 3.4e-6
+    assert prefixes_worth_following([(20, 22)], scored, [10], [(20, 21), *two], 9e-6)[0] == [(20, 22)]  # 6.8e-6
 
 
 def test_em_recovers_the_class_prior_that_makes_the_corpus_most_likely():

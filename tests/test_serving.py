@@ -114,6 +114,10 @@ def test_concurrent_callers_are_batched_together(server):
     assert after["requests"] - before["requests"] == 12
     assert after["forward_passes"] - before["forward_passes"] < 12  # several callers shared a forward pass
     assert after["largest_batch"] > 1
+    # Where the time went: every pass tokenized and ran the model inside some caller's time in the replica.
+    model_s = sum(after[key] - before[key] for key in ("tokenize_s", "forward_s"))
+    assert after["tokenize_s"] > before["tokenize_s"] and after["forward_s"] > before["forward_s"]
+    assert after["in_replica_s"] - before["in_replica_s"] >= model_s
 
 
 @pytest.mark.parametrize(
