@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llkd_ray.teacher_backends import prefix_cache_counters
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MULTI = ["money-fx", "acq", "crude", "earn", "grain", "interest", "ship", "trade"]
 SINGLE = ["money", "business", "oil", "profit", "grain", "interest", "ship", "trade"]
@@ -50,12 +52,6 @@ def articles(count: int) -> list[str]:
     with open(SHARED_DATA / "ag_news" / "test.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     return [f"{row['title']}. {row['description']}" for row in rows[:count]]
-
-
-def prefix_cache_counters(llm) -> tuple[float, float]:
-    """(queried tokens, hit tokens) from vLLM's own metrics."""
-    values = {metric.name: metric.value for metric in llm.get_metrics() if hasattr(metric, "value")}
-    return values.get("vllm:prefix_cache_queries", float("nan")), values.get("vllm:prefix_cache_hits", float("nan"))
 
 
 def old_continuation_logprobs(llm, prompts, continuations) -> np.ndarray:

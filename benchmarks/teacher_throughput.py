@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+from llkd_ray.teacher_backends import prefix_cache_counters
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -60,12 +62,6 @@ def teacher_for(args, backend: str):
 
     cfg = load_config(None, overrides_for(args, backend))
     return Teacher(cfg.task, cfg.teacher, resolve_model(args.model)), cfg
-
-
-def prefix_cache_counters(llm) -> tuple[float, float]:
-    """(queried prompt tokens, hit prompt tokens), from vLLM's own metrics."""
-    values = {metric.name: metric.value for metric in llm.get_metrics() if hasattr(metric, "value")}
-    return values.get("vllm:prefix_cache_queries", float("nan")), values.get("vllm:prefix_cache_hits", float("nan"))
 
 
 def timed_batches(teacher, texts: list[str], batch_size: int) -> float:

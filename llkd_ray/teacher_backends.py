@@ -92,6 +92,13 @@ def prefixes_worth_following(
     return [prefix for prefix in prefixes if prefix in kept], dropped
 
 
+def prefix_cache_counters(llm) -> tuple[float, float]:
+    """(prompt tokens queried, prompt tokens hit) from a vLLM engine's own prefix-cache counters (NaN where the
+    engine keeps no stats: ``disable_log_stats`` must be off)."""
+    values = {metric.name: metric.value for metric in llm.get_metrics() if hasattr(metric, "value")}
+    return values.get("vllm:prefix_cache_queries", float("nan")), values.get("vllm:prefix_cache_hits", float("nan"))
+
+
 def make_backend(model_dir: Path, cfg: TeacherConfig) -> TeacherBackend:
     if cfg.backend == "vllm":
         return VLLMBackend(model_dir, cfg)
