@@ -83,12 +83,12 @@ def prefixes_worth_following(
     budget = tolerance * float(np.exp(np.logaddexp.reduce(exact))) if exact else 0.0
     under = {prefix: sum(1 for c in continuations if len(c) > depth and c[:depth] == prefix) for prefix in prefixes}
     cost = {prefix: float(np.exp(prefix_logprob(scored, prefix))) * under[prefix] for prefix in prefixes}
-    kept = []
+    kept = set()
     for prefix in sorted(prefixes, key=cost.__getitem__):
         if dropped + cost[prefix] <= budget:
             dropped += cost[prefix]
         else:
-            kept.append(prefix)
+            kept.add(prefix)
     return [prefix for prefix in prefixes if prefix in kept], dropped
 
 
