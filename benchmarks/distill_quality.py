@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -195,6 +196,9 @@ def run_one(spec, base, pool, dev, test, selector: str, seed: int, work: Path, c
     }
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=2))
+    # The result is all the matrix needs again: a run's checkpoints (~0.5 GB) would fill the disk over the matrix.
+    shutil.rmtree(work / "ray_results" / name, ignore_errors=True)
+    shutil.rmtree(work / "runs" / name, ignore_errors=True)
     return result
 
 

@@ -14,6 +14,7 @@ The final checkpoint also carries the student exported in Hugging Face format (Z
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -100,6 +101,7 @@ def worker_resources(training: TrainingConfig) -> dict[str, float]:
 _NOT_RECIPE = {
     "storage_path",
     "max_failures",
+    "checkpoints_to_keep",
     "num_workers",
     "cpus_per_worker",
     "gpus_per_worker",
@@ -163,7 +165,7 @@ def train_student(
     for testing recovery; the marker file records that it happened).
     """
     import ray.data
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     check_resumable(cfg, pool.num_rows)
@@ -183,6 +185,7 @@ def train_student(
             name=cfg.output.name,
             storage_path=absolute(training.storage_path),
             failure_config=FailureConfig(max_failures=training.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=training.checkpoints_to_keep),
         ),
         datasets={
             "pool": ray.data.from_arrow(_padded_for_equal_split(pool, workers, "pool_index")),
@@ -393,9 +396,12 @@ class StepPlan:
     total_steps: int
 
 
-def _train_epoch(engine, encode, pool: ShardPool, weights: np.ndarray, plan: StepPlan, cfg: Config, rng) -> float:
+def _train_epoch(
+    engine, encode, pool: ShardPool, weights: np.ndarray, plan: StepPlan, cfg: Config, rng, average=None
+) -> float:
     """This epoch's ``plan.steps`` optimizer steps on this worker's selected samples; returns their mean loss.
-    A worker with nothing selected takes zero-weight steps, which keep the gradient all-reduce in step."""
+    A worker with nothing selected takes zero-weight steps, which keep the gradient all-reduce in step.
+    ``average`` (a WeightAverage) follows every step."""
     import torch
 
     training = cfg.training
@@ -419,6 +425,8 @@ def _train_epoch(engine, encode, pool: ShardPool, weights: np.ndarray, plan: Ste
         device = logits.device
         loss = distillation_loss(logits, targets.to(device), teacher.to(device), scale.to(device), training)
         engine.step(loss)
+        if average is not None:
+            average.update(engine.module)
         if batches:
             losses.append(float(loss.detach()))
     return float(np.mean(losses)) if losses else float("nan")
@@ -471,8 +479,11 @@ def _maybe_fail(fail_once_at: tuple[int, str] | None, epoch: int, rank: int, cfg
     os._exit(1)
 
 
-def _checkpoint(engine, tokenizer, cfg: Config, epoch: int, rank: int, state: dict, metrics: EpochMetrics) -> None:
-    """Report the epoch's metrics with a checkpoint; the final one also carries the exported student."""
+def _checkpoint(
+    engine, tokenizer, cfg: Config, epoch: int, rank: int, state: dict, metrics: EpochMetrics, average=None
+) -> None:
+    """Report the epoch's metrics with a checkpoint; the final one also carries the exported student (the weight
+    average's weights when there is one)."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -483,8 +494,12 @@ def _checkpoint(engine, tokenizer, cfg: Config, epoch: int, rank: int, state: di
     with tempfile.TemporaryDirectory() as directory:
         engine.save(directory)
         state_dict = engine.full_state_dict() if final else None  # ZeRO-3: a collective on every rank
+        if final and average is not None:
+            state_dict = average.state_dict_for(engine.module)
         if rank == 0:
             Path(directory, STATE_FILE).write_text(json.dumps(state))
+            if average is not None:
+                average.save(directory)
             if final:
                 export_student(
                     engine.module,
@@ -514,6 +529,7 @@ def train_loop(loop_config: dict) -> None:
     from llkd_ray.engines import make_engine
     from llkd_ray.selection import PoolScores, ThresholdState, rows_to_score, select, selector, teacher_gate
     from llkd_ray.student import load_student
+    from llkd_ray.weight_average import WeightAverage
 
     cfg: Config = loop_config["cfg"]
     pool_size: int = loop_config["pool_size"]
@@ -528,6 +544,8 @@ def train_loop(loop_config: dict) -> None:
     holdout = _columns(ray.train.get_dataset_shard("holdout"), ["holdout_index", "text", "gold_index"], "holdout_index")
     network, tokenizer = load_student(cfg.student.model, names, seed=cfg.training.seed)
     engine = make_engine(network, cfg.training, device)
+    decay = cfg.training.ema_decay
+    average = WeightAverage(engine.module, decay) if decay is not None else None
 
     def encode(batch: list[str]) -> dict:
         encoded = tokenizer(
@@ -546,6 +564,8 @@ def train_loop(loop_config: dict) -> None:
     if checkpoint:  # resuming after a failure or a re-run under the same name
         with checkpoint.as_directory() as directory:
             engine.load(directory)
+            if average is not None:
+                average.load(directory)
             saved = json.loads((Path(directory) / STATE_FILE).read_text())
         thresholds = ThresholdState(**saved["thresholds"])
         history, start_epoch = saved["history"], saved["epoch"]
@@ -575,7 +595,7 @@ def train_loop(loop_config: dict) -> None:
         scored_at = time.time()
         plan = StepPlan(steps, (epoch - 1) * steps, total_steps)
         rng = np.random.default_rng([cfg.training.seed, epoch, rank])
-        loss = _train_epoch(engine, encode, pool, selection.weights[pool.index], plan, cfg, rng)
+        loss = _train_epoch(engine, encode, pool, selection.weights[pool.index], plan, cfg, rng, average)
         losses = [value for value in collective.gather(loss) if not np.isnan(value)]
         train_seconds = time.time() - scored_at
 
@@ -593,7 +613,8 @@ def train_loop(loop_config: dict) -> None:
             cumulative_used=int(used.sum()),
             cumulative_used_fraction=float(used.mean()) if pool_size else 0.0,
         )
-        metrics.update(_evaluate(engine, encode, holdout, collective, names))
+        with average.applied(engine.module) if average is not None else contextlib.nullcontext():
+            metrics.update(_evaluate(engine, encode, holdout, collective, names))
         metrics.update(
             score_select_seconds=round(scored_at - started, 3),
             train_seconds=round(train_seconds, 3),
@@ -609,6 +630,6 @@ def train_loop(loop_config: dict) -> None:
             "pool_size": pool_size,
             "recipe": recipe_fingerprint(cfg, pool_size),
         }
-        _checkpoint(engine, tokenizer, cfg, epoch, rank, state, metrics)
+        _checkpoint(engine, tokenizer, cfg, epoch, rank, state, metrics, average)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

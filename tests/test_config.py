@@ -33,6 +33,8 @@ def test_overrides_are_parsed_as_yaml_values():
         (["colour=blue"], "colour: unknown key"),
         (["teacher.vllm.blocksize=32"], "teacher.vllm.blocksize: unknown key (did you mean 'block_size'?)"),
         (["teacher=3"], "teacher: Input should be a valid dictionary"),
+        (["training.ema_decay=0.99", "training.zero_stage=3"], "training: ema_decay: the weight average needs"),
+        (["training.ema_decay=1"], "training.ema_decay: Input should be less than 1"),
     ],
 )
 def test_bad_values_name_the_field(overrides, expected):

@@ -141,17 +141,36 @@ def test_ddp_student_export_matches_its_checkpoint_and_resumes_when_rerun(ray_cl
     np.testing.assert_allclose(load_and_predict(again.student_dir, ["Gripping and smart.", "Lifeless."]), before)
 
 
-def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path, pool_and_holdout):
+def test_a_killed_worker_resumes_from_its_checkpoint_with_its_weight_average(ray_cluster, tmp_path, pool_and_holdout):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from llkd_ray.evaluation import evaluate
+    from llkd_ray.weight_average import EMA_FILE
+
     pool, holdout = pool_and_holdout
     marker = tmp_path / "failed-once"
-    cfg = config(tmp_path, "failing", strategy="ddp", num_workers=2, epochs=3, max_failures=1)
+    cfg = config(tmp_path, "failing", strategy="ddp", num_workers=2, epochs=3, max_failures=1, ema_decay=0.9)
     result = train_student(cfg, pool, holdout, tmp_path / "run", fail_once_at=(2, str(marker)))
     assert marker.exists()  # the worker process really died at epoch 2
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     died_at = marker.stat().st_mtime
     # A resume keeps epoch 1 as checkpointed before the failure; a restart from scratch would redo it after.
     assert result.history[0]["finished_at"] < died_at < result.history[1]["finished_at"]
-    assert (result.student_dir / "config.json").exists()
+    # The average came back with the checkpoint: it followed all 3 × 4 steps, not only the 8 after the resume.
+    saved = torch.load(Path(result.checkpoint_path) / EMA_FILE, weights_only=True)
+    assert saved["steps"] == 3 * 4
+    # What is exported and evaluated is the average, not the live weights it trails.
+    exported = AutoModelForSequenceClassification.from_pretrained(result.student_dir).state_dict()
+    live = torch.load(Path(result.checkpoint_path) / "ddp_state.pt", weights_only=True)["model"]
+    live = {name.removeprefix("module."): value for name, value in live.items()}
+    key = "classifier.weight"
+    torch.testing.assert_close(exported[key], saved["average"][key], rtol=0, atol=0)
+    assert not torch.allclose(exported[key], live[key])
+    exported_f1 = evaluate(result.student_dir, holdout, NAMES, max_length=48)["student"]["macro_f1"]
+    assert exported_f1 == pytest.approx(result.history[-1]["eval_macro_f1"], abs=1e-9)
+    # Only the newest checkpoints are kept (training.checkpoints_to_keep = 2).
+    assert sorted(p.name for p in (tmp_path / "ray" / "failing").glob("epoch-*")) == ["epoch-002", "epoch-003"]
 
 
 def test_length_grouped_batches_cover_each_selected_sample_once():
@@ -246,7 +265,7 @@ def test_the_distillation_loss_against_hand_values():
     teacher = torch.tensor([[0.9, 0.1], [0.6, 0.4]])
     weights = torch.tensor([1.0, 0.5])
     ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")  # (.12693, 1.31326)
-    hard = distillation_loss(logits, targets, teacher, weights, TrainingConfig())
+    hard = distillation_loss(logits, targets, teacher, weights, TrainingConfig(soft_label_weight=0))
     assert float(hard) == pytest.approx(float((ce[0] + 0.5 * ce[1]) / 2), abs=1e-6)
     soft_cfg = TrainingConfig(soft_label_weight=0.5, distill_temperature=2.0)
     # T = 2: teacher^(1/2) renormalised = (.75, .25) and (.55051, .44949); student softmax(logits/2)

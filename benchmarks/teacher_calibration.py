@@ -1,0 +1,69 @@
+"""The teacher on each benchmark dataset's dev rows: macro-F1 raw, calibrated with a uniform class prior (the
+default) and with the EM-estimated prior (``teacher.class_prior=estimated``), and how correct its most confident
+labels are (what LLKD's teacher gate relies on). Reads the labels ``distill_quality.py`` stored; starts no Ray.
+
+    python benchmarks/teacher_calibration.py                       # every dataset already labelled
+    python benchmarks/teacher_calibration.py --datasets ag_news trec
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import distill_quality as bench
+import numpy as np
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def dev_report(name: str, work: Path) -> str:
+    from llkd_ray.config import load_config
+    from llkd_ray.corpus import corpus_ids
+    from llkd_ray.label_scoring import calibrate, em_class_prior, label_prior
+    from llkd_ray.metrics import classification_report
+    from llkd_ray.pseudo_label_store import read_labels
+    from llkd_ray.training import split_pool_and_holdout
+
+    spec = yaml.safe_load((bench.DATASETS / f"{name}.yaml").read_text())
+    cfg = load_config(None, bench.corpus_overrides(spec, work))
+    labels = read_labels(cfg, ids=corpus_ids(cfg.corpus))
+    dev, _ = bench.split_dev_test(split_pool_and_holdout(labels, cfg)[1])
+    # Priors over the whole corpus, as the store computes them; scores on the dev rows only.
+    raw = np.asarray(labels["probs_raw"].to_pylist())
+    uniform = calibrate(raw, label_prior(raw))
+    estimated, prior = em_class_prior(uniform)
+    position = {row_id: i for i, row_id in enumerate(labels["id"].to_pylist())}
+    rows = [position[row_id] for row_id in dev["id"].to_pylist()]
+    gold = np.asarray(dev["gold_index"].to_pylist())
+    names = cfg.task.label_names
+    f1 = {
+        tag: classification_report(gold, probs[rows].argmax(1), names)["macro_f1"]
+        for tag, probs in (("raw", raw), ("uniform", uniform), ("estimated", estimated))
+    }
+    confidence, correct = uniform[rows].max(1), uniform[rows].argmax(1) == gold
+    top = [correct[confidence >= np.quantile(confidence, 1 - share)].mean() for share in (0.3, 0.5)]
+    return (
+        f"{name:16s} {len(rows):4d} {f1['raw']:8.3f} {f1['uniform']:8.3f} {f1['estimated']:10.3f}"
+        f" {top[0]:9.3f} {top[1]:9.3f} {correct.mean():9.3f}   estimated prior {np.round(prior, 2).tolist()}"
+    )
+
+
+def main() -> None:
+    available = sorted(p.stem for p in bench.DATASETS.glob("*.yaml"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=available, choices=available)
+    parser.add_argument("--work", default="runs/bench_distill", help="where distill_quality.py keeps its stores")
+    args = parser.parse_args()
+    print("dataset           dev   raw F1  uniform  estimated  top30% ok  top50% ok  all ok")
+    for name in args.datasets:
+        try:
+            print(dev_report(name, Path(args.work).resolve()))
+        except FileNotFoundError as error:
+            print(f"{name:16s} not labelled yet ({error})")
+
+
+if __name__ == "__main__":
+    main()
