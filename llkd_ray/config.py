@@ -156,6 +156,60 @@ class StoreConfig(_Section):
     rows_per_part: int = Field(default=256, gt=0)  # rows per committed Parquet part: the unit lost on a crash
 
 
+class ScorerConfig(_Section):
+    """The Ray Data pool of student actors that scores the unlabeled corpus between budget rounds."""
+
+    num_actors: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)  # a fraction shares a GPU: encoder forwards are cheap
+    batch_size: int = Field(default=64, gt=0)
+    torch_threads: int | None = Field(default=None, gt=0)  # None: every core the actor's node offers
+
+
+class LabelingConfig(_Section):
+    """A teacher-call budget spent in rounds the student chooses (llkd_ray/budget.py). No budget: label it all."""
+
+    # A fraction of the corpus (0 < budget <= 1, written with a decimal point) or a number of rows (an integer
+    # >= 2). Rows held out for evaluation are labeled too and counted apart: they are not in the budget.
+    budget: float | int | None = None
+    rounds: int = Field(default=3, ge=1)  # round 0 is the diverse seed; each later one follows the student
+    # student: uncertain and diverse rows, balanced over the student's predicted classes; random: the baseline.
+    acquisition: Literal["student", "random"] = "student"
+    # k-means clusters of the student's embeddings: the seed is stratified over them, later rounds spread over them.
+    clusters: int = Field(default=16, ge=1)
+    # Share of the budget labeled in round 0 as a probe: rows drawn at random and never trained on, on which the
+    # student's agreement with the teacher is measured after every round (the stopping rule's signal).
+    probe_fraction: float = Field(default=0.1, ge=0, lt=1)
+    # Stop spending when a round raised the student's agreement on the probe by less than this. None: spend it all.
+    stop_margin: float | None = Field(default=0.005, ge=0)
+    # Rows embedded to fit the clusters; more are assigned to the nearest centroid by the scoring actors.
+    cluster_sample: int = Field(default=4096, gt=0)
+    seed: int = 0
+    scorer: ScorerConfig = ScorerConfig()
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_is_a_number(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML's `yes`/`true` would otherwise read as 1
+            raise ValueError("expected a fraction of the corpus (0.3) or a number of rows (600)")
+        return value
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_is_a_fraction_or_a_count(cls, value: float | int | None) -> float | int | None:
+        if value is None:
+            return value
+        if isinstance(value, int):
+            if value == 1:
+                raise ValueError("1 is ambiguous: write 1.0 for the whole corpus, or a row count >= 2")
+            if value < 1:
+                raise ValueError(f"a row count must be >= 2 (got {value})")
+            return value
+        if not 0 < value <= 1:
+            raise ValueError(f"a fraction must be in (0, 1] (got {value}); a row count is an integer")
+        return value
+
+
 class StudentConfig(_Section):
     """The small classifier that learns from the teacher."""
 
@@ -313,6 +367,7 @@ class Config(_Section):
     task: TaskConfig
     teacher: TeacherConfig = TeacherConfig()
     store: StoreConfig = StoreConfig()
+    labeling: LabelingConfig = LabelingConfig()
     student: StudentConfig = StudentConfig()
     selection: SelectionConfig = SelectionConfig()
     training: TrainingConfig = TrainingConfig()

@@ -53,18 +53,26 @@ def _skip_stored(batch: pa.Table, stored: set[str]) -> pa.Table:
     return batch.filter(pc.invert(pc.is_in(batch["key"], value_set=pa.array(sorted(stored), type=pa.string()))))
 
 
-def run_labeling(cfg: Config) -> StoreSummary:
-    """Label every corpus row the store does not hold yet, then consolidate the store."""
+def _only_keys(batch: pa.Table, keys: set[str]) -> pa.Table:
+    return batch.filter(pc.is_in(batch["key"], value_set=pa.array(sorted(keys), type=pa.string())))
+
+
+def run_labeling(cfg: Config, keys: set[str] | None = None) -> StoreSummary:
+    """Label every corpus row the store does not hold yet (only those whose key is in ``keys``, when given: a
+    budget round), then consolidate the store."""
     init_ray(cfg.ray)
     store = PseudoLabelStore(cfg)
     with store.writer():  # a second `llkd label` on this store is refused before it labels anything
-        return _label_missing_rows(cfg, store)
+        return _label_missing_rows(cfg, store, keys)
 
 
-def _label_missing_rows(cfg: Config, store: PseudoLabelStore) -> StoreSummary:
+def _label_missing_rows(cfg: Config, store: PseudoLabelStore, keys: set[str] | None) -> StoreSummary:
     stored = store.stored_keys()
     ds = read_corpus(cfg.corpus)
-    if stored:
+    if keys is not None:
+        ds = ds.map_batches(_only_keys, fn_kwargs={"keys": keys - stored}, batch_format="pyarrow")
+        stored = stored & keys  # what this call resumes from: the requested rows already in the store
+    elif stored:
         logger.info("resuming: %d rows already in %s", len(stored), store.display_root)
         ds = ds.map_batches(_skip_stored, fn_kwargs={"stored": stored}, batch_format="pyarrow")
     # One pass over the corpus without the teacher first: it sizes the progress bar, and if nothing is left no

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 LABELING_STAGE = "labeling (Ray start, teacher load, scoring)"
+BUDGET_STAGE = "budget rounds (labeling, student scoring of the corpus, training each round)"
 
 
 class StageClock:
@@ -49,6 +50,7 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
     import torch  # noqa: F401
 
     from llkd_ray import plots
+    from llkd_ray.budget import run_budget
     from llkd_ray.corpus import corpus_ids
     from llkd_ray.evaluation import evaluate, student_profile, teacher_confidence_quality
     from llkd_ray.labeling import run_labeling
@@ -65,26 +67,46 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     names = cfg.task.label_names
 
-    if label:
-        logger.info("stage 1/3: the teacher labels the corpus")
-        with clock.stage(LABELING_STAGE):
-            labeling = vars(run_labeling(cfg))
+    budget = None
+    if label and cfg.labeling.budget is not None:
+        logger.info(
+            "stages 1-2/3: the teacher labels a budget of %s in up to %d rounds the student chooses; a student"
+            " (%s) trains with %s selection after each",
+            cfg.labeling.budget,
+            cfg.labeling.rounds,
+            cfg.student.model,
+            cfg.selection.strategy,
+        )
+        with clock.stage(BUDGET_STAGE):
+            budget = run_budget(cfg, run_dir)
+        labeling = {
+            **stored_counts(cfg),
+            "labeled_this_run": budget.summary["teacher_calls"],
+            "labeling_seconds": sum(r.get("labeling_seconds", 0) for r in budget.rounds),
+        }
+        trained, pool, holdout = budget.trained, budget.pool, budget.holdout
+        labels = read_labels(cfg, ids=set(pool["id"].to_pylist()) | set(holdout["id"].to_pylist()))
     else:
-        labeling = stored_counts(cfg)  # fails with a clear message before any cluster starts
-        with clock.stage("Ray start"):
-            init_ray(cfg.ray)
-    with clock.stage("reading the labels, pool and holdout"):
-        labels = read_labels(cfg, ids=corpus_ids(cfg.corpus))  # the store may hold other corpora's rows too
-        pool, holdout = split_pool_and_holdout(labels, cfg)
-    logger.info(
-        "stage 2/3: the student (%s) trains with %s selection on a pool of %d rows; %d gold-labelled rows held out",
-        cfg.student.model,
-        cfg.selection.strategy,
-        pool.num_rows,
-        holdout.num_rows,
-    )
-    with clock.stage("training (workers, per-epoch scoring and selection, checkpoints, export)"):
-        trained = train_student(cfg, pool, holdout, run_dir)
+        if label:
+            logger.info("stage 1/3: the teacher labels the corpus")
+            with clock.stage(LABELING_STAGE):
+                labeling = vars(run_labeling(cfg))
+        else:
+            labeling = stored_counts(cfg)  # fails with a clear message before any cluster starts
+            with clock.stage("Ray start"):
+                init_ray(cfg.ray)
+        with clock.stage("reading the labels, pool and holdout"):
+            labels = read_labels(cfg, ids=corpus_ids(cfg.corpus))  # the store may hold other corpora's rows too
+            pool, holdout = split_pool_and_holdout(labels, cfg)
+        logger.info(
+            "stage 2/3: the student (%s) trains with %s selection on a pool of %d rows; %d gold-labelled rows held out",
+            cfg.student.model,
+            cfg.selection.strategy,
+            pool.num_rows,
+            holdout.num_rows,
+        )
+        with clock.stage("training (workers, per-epoch scoring and selection, checkpoints, export)"):
+            trained = train_student(cfg, pool, holdout, run_dir)
     logger.info("stage 3/3: evaluation, plots and report")
     with clock.stage("evaluation"):
         evaluation = evaluate(trained.student_dir, holdout, names, cfg.student.max_length)
@@ -99,6 +121,8 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
             plots.plot_selection(trained.history, names, run_dir / "selection.png"),
             plots.plot_f1(trained.history, evaluation.get("teacher", {}).get("macro_f1"), run_dir / "f1.png"),
         ]
+        if budget is not None:
+            pictures.append(plots.plot_rounds(budget.rounds, run_dir / "rounds.png"))
         if quality:
             pictures.append(
                 plots.plot_teacher_confidence(
@@ -115,6 +139,7 @@ def run_pipeline(cfg: Config, label: bool = True) -> str:
         "student_buys": buys,
         "history": trained.history,
         "checkpoint": trained.checkpoint_path,
+        "budget": None if budget is None else {**budget.summary, "rounds": budget.rounds},
         "stage_seconds": clock.seconds,
         "seconds": round(time.time() - started, 1),
     }
@@ -141,7 +166,8 @@ def what_the_student_buys(cfg: Config, profile: dict, labeling: dict, clock: Sta
     from llkd_ray.model_sources import local_weights_megabytes
 
     teacher_megabytes = local_weights_megabytes(cfg.teacher.model)  # None where the driver does not hold it
-    labeled_now, labeling_seconds = labeling.get("labeled_this_run", 0), clock.seconds.get(LABELING_STAGE)
+    labeled_now = labeling.get("labeled_this_run", 0)
+    labeling_seconds = clock.seconds.get(LABELING_STAGE) or labeling.get("labeling_seconds")
     teacher_rate = round(labeled_now / labeling_seconds, 1) if labeled_now and labeling_seconds else None
     return {
         "student_parameters": profile["parameters"],

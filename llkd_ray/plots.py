@@ -73,3 +73,25 @@ def _save(figure, path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def plot_rounds(rounds: list[dict], path: Path) -> Path:
+    """Budget rounds: the student's holdout macro-F1 (where gold labels exist) and its agreement with the teacher
+    on the probe, against the rows bought from the teacher so far."""
+    bought = np.cumsum([r["acquired_rows"] for r in rounds])
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for key, name, marker in (
+        ("holdout_macro_f1", "holdout macro-F1", "o"),
+        ("probe_agreement", "probe agreement", "s"),
+    ):
+        points = [(x, r[key]) for x, r in zip(bought, rounds) if r.get(key) is not None]
+        if points:
+            axis.plot(*zip(*points), marker=marker, label=name)
+    for x, r in zip(bought, rounds):
+        axis.annotate(f"round {r['round']}", (x, axis.get_ylim()[0]), fontsize=7, rotation=90, va="bottom")
+    axis.set(title="Budget rounds", xlabel="rows labeled by the teacher (probe included)", ylabel="score")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -50,6 +50,8 @@ def write_report(run_dir: Path, cfg: Config, metrics: dict, pictures: list[Path]
             f"Student confusion matrix (rows gold, columns predicted; {', '.join(cfg.task.label_names)}):"
             f" `{evaluation['student']['confusion_matrix']}`",
         ]
+    if metrics.get("budget"):
+        lines += ["", "## Teacher budget", ""] + budget_lines(metrics["budget"], metrics.get("student_buys") or {})
     if metrics.get("student_buys"):
         lines += ["", "## What the student buys", "", buys_line(metrics["student_buys"]).split(": ", 1)[1] + "."]
     lines += [
@@ -98,3 +100,31 @@ def buys_line(buys: dict) -> str:
     if buys["labeling_seconds"]:
         parts.append(f"labeling cost {buys['labeling_seconds'] / 60:.1f} min of teacher time")
     return "what the student buys: " + "; ".join(parts)
+
+
+def budget_lines(budget: dict, buys: dict) -> list[str]:
+    """The budget's rounds and its cost model: teacher calls made and saved, in teacher time at this run's rate."""
+    saved = budget["rows_not_labeled"]
+    lines = [
+        f"- bought {budget['acquired_rows']} of {budget['candidate_rows']} candidate rows"
+        f" ({budget['acquired_rows'] / max(budget['candidate_rows'], 1):.1%}; probe {budget['probe_rows']}) in"
+        f" {budget['rounds_run']} round(s)"
+        + (", stopped early by the probe-agreement rule" if budget["stopped_early"] else ""),
+        f"- teacher calls this run: {budget['teacher_calls']} (the {budget['holdout_rows']} holdout rows included;"
+        " rows already in the store cost none); rows the teacher never had to label: " + f"{saved}",
+    ]
+    rate = buys.get("teacher_texts_per_second")
+    if rate:
+        lines.append(
+            f"- at this run's teacher rate ({rate:.1f} rows/s) the rows not labeled are"
+            f" {saved / rate / 3600:.2f} machine-hours saved (the README's GPU arithmetic turns rows into GPU-hours)"
+        )
+    lines += ["", "| round | rows bought | trained on | teacher calls | probe agreement | holdout macro-F1 |"]
+    lines.append("|---|---|---|---|---|---|")
+    for r in budget["rounds"]:
+        agreement, f1 = r.get("probe_agreement"), r.get("holdout_macro_f1")
+        lines.append(
+            f"| {r['round']} | {r['acquired_rows']} | {r['trained_rows']} | {r.get('teacher_calls', '')} |"
+            f" {'' if agreement is None else f'{agreement:.3f}'} | {'' if f1 is None else f'{f1:.3f}'} |"
+        )
+    return lines

@@ -43,16 +43,12 @@ SCORE_DECIMALS = 6
 def split_pool_and_holdout(labels: pa.Table, cfg: Config) -> tuple[pa.Table, pa.Table]:
     """(pool, holdout): the holdout is ``evaluation.holdout`` gold-labelled rows chosen by id hash; the pool
     is every other row, with the teacher's distribution (calibrated if configured) and label."""
-    import hashlib
-
     names = cfg.task.label_names
     probs_column = "probs_calibrated" if cfg.teacher.calibrate else "probs_raw"
     rows = labels.select(["id", "text", "gold", probs_column, "label_index"]).to_pylist()
-    rows.sort(key=lambda row: hashlib.sha256(row["id"].encode()).hexdigest())
-    holdout, pool = [], []
-    for row in rows:
-        gold_ok = row["gold"] in names
-        (holdout if gold_ok and len(holdout) < cfg.evaluation.holdout else pool).append(row)
+    chosen = holdout_ids([row["id"] for row in rows], [row["gold"] for row in rows], names, cfg.evaluation.holdout)
+    holdout = sorted((row for row in rows if row["id"] in chosen), key=lambda row: _id_order(row["id"]))
+    pool = sorted((row for row in rows if row["id"] not in chosen), key=lambda row: _id_order(row["id"]))
     pool_table = pa.table(
         {
             "pool_index": pa.array(range(len(pool)), type=pa.int64()),
@@ -74,6 +70,19 @@ def split_pool_and_holdout(labels: pa.Table, cfg: Config) -> tuple[pa.Table, pa.
         }
     )
     return pool_table, holdout_table
+
+
+def _id_order(row_id: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(row_id.encode()).hexdigest()
+
+
+def holdout_ids(ids: list[str], golds: list[str | None], label_names: list[str], size: int) -> set[str]:
+    """The ``size`` gold-labelled ids first in the order of their hash: the holdout, fixed whatever the corpus
+    order, and chosen before labeling when a budget decides what the teacher labels."""
+    gold_ids = sorted({i for i, gold in zip(ids, golds) if gold in label_names}, key=_id_order)
+    return set(gold_ids[:size])
 
 
 def _padded_for_equal_split(table: pa.Table, workers: int, index_column: str) -> pa.Table:
