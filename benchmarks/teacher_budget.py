@@ -42,7 +42,7 @@ log = logging.getLogger("llkd_ray.benchmarks")
 ARMS = ("student", "random")
 
 
-def run_budgeted(spec, base, dev, test, arm: str, seed: int, work: Path, code: str) -> dict:
+def run_budgeted(spec, base, dev, test, arm: str, seed: int, work: Path, code: str, cached_only=False) -> dict | None:
     from llkd_ray.acquisition import agreement_stalled
     from llkd_ray.budget import run_budget
     from llkd_ray.config import load_config
@@ -65,6 +65,8 @@ def run_budgeted(spec, base, dev, test, arm: str, seed: int, work: Path, code: s
     result_file = work / "budget_results" / f"{fingerprint}.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
+    if cached_only:
+        return None
     name = f"{spec['name']}-budget-{arm}-seed{seed}-{fingerprint[:8]}"
     cfg = load_config(None, overrides + [f"output.name={name}"])
     run_dir = work / "runs" / name
@@ -153,6 +155,21 @@ def summarise(results: list[dict]) -> dict:
                 diff, ci = dq.mean_ci([a[s] - b[s] for s in a if s in b])
                 entry[f"{mine}_minus_{other}"] = {"test_difference": diff, "ci95": ci}
         summary["datasets"][dataset] = entry
+    # The two goals, read off the table: within 0.5 points of `full` on >= 2 datasets with <= 30% of the
+    # calls, and student-chosen rounds >= 2 points above random ones on average.
+    entries = summary["datasets"].values()
+    near_full = [
+        d
+        for d, e in summary["datasets"].items()
+        if "student_minus_full" in e
+        and e["student_minus_full"]["test_difference"] >= -0.005
+        and e["arms"]["student"]["calls_fraction"] <= 0.3 + 1e-9
+    ]
+    over_random = [e["student_minus_random"]["test_difference"] for e in entries if "student_minus_random" in e]
+    summary["goals"] = {
+        "datasets_within_half_a_point_of_full": near_full,
+        "student_minus_random_average": float(np.mean(over_random)) if over_random else None,
+    }
     return summary
 
 
@@ -171,6 +188,13 @@ def print_summary(summary: dict) -> None:
                 print(
                     f"{'':<16}{key}: {100 * d['test_difference']:+.1f} points (95% CI ± {100 * d['ci95']:.1f}, paired)"
                 )
+    goals = summary["goals"]
+    average = goals["student_minus_random_average"]
+    print(
+        "\nwithin 0.5 points of LLKD on the whole pool, with <= 30% of the calls: "
+        + f"{goals['datasets_within_half_a_point_of_full']}"
+        + ("" if average is None else f"; student-chosen minus random rounds, averaged: {100 * average:+.1f} points")
+    )
 
 
 def plot(results: list[dict], summary: dict, path: Path) -> None:
@@ -212,6 +236,7 @@ def main() -> None:
     )
     parser.add_argument("--work", default="runs/bench_distill", help="distill_quality's work directory (its store)")
     parser.add_argument("--out", default=str(dq.RESULTS / "teacher_budget.json"))
+    parser.add_argument("--cached-only", action="store_true", help="summarise the finished runs, start no new one")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. labeling.budget=0.3")
     args = parser.parse_args()
 
@@ -245,7 +270,9 @@ def main() -> None:
                         )
                         result = {**run, "arm": "full", "calls_fraction": 1.0}
                     else:
-                        result = run_budgeted(spec, base, dev, test, arm, seed, work, code)
+                        result = run_budgeted(spec, base, dev, test, arm, seed, work, code, args.cached_only)
+                        if result is None:
+                            continue
                     results.append(result)
                     log.info(
                         "%s %s seed %d: test %.3f, dev %.3f, teacher calls %.0f%% of the pool",
