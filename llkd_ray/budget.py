@@ -16,6 +16,7 @@ so no teacher call is lost or made twice, and Ray Train resumes a half-trained r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -29,27 +30,77 @@ import pyarrow.parquet as pq
 
 from llkd_ray import acquisition
 from llkd_ray.config import Config
+from llkd_ray.errors import UserError
 from llkd_ray.pseudo_label_store import PseudoLabelStore
 
 logger = logging.getLogger(__name__)
+LEDGER_FILE = "ledger.json"
 LEDGER_SCHEMA = pa.schema(
     [("key", pa.string()), ("id", pa.string()), ("round", pa.int32()), ("reason", pa.string()), ("score", pa.float32())]
 )
 
 
-class AcquisitionLedger:
-    """What each round of one run chose, and what came of it, next to the labels in the store."""
+def budget_identity(cfg: Config, candidate_keys: list[str], holdout_keys: set[str]) -> str:
+    """What a run's rounds depend on: the budget's settings, the candidates, the holdout and the training recipe.
+    Where the scorers run and the stopping margin are left out: changing those resumes the same rounds."""
+    from llkd_ray.training import _NOT_RECIPE
 
-    def __init__(self, store: PseudoLabelStore, run_name: str):
+    identity = {
+        "labeling": cfg.labeling.model_dump(exclude={"scorer", "stop_margin"}),
+        "candidates": hashlib.sha256("\n".join(sorted(candidate_keys)).encode()).hexdigest(),
+        "holdout": hashlib.sha256("\n".join(sorted(holdout_keys)).encode()).hexdigest(),
+        "selection": cfg.selection.model_dump(),
+        "training": cfg.training.model_dump(exclude=_NOT_RECIPE),
+        "student": cfg.student.model_dump(),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class AcquisitionLedger:
+    """What each round of one run chose, and what came of it, next to the labels in the store. A ledger belongs to
+    one budget (``budget_identity``): a run of the same name with another budget, corpus or recipe is refused
+    instead of resuming rounds that were chosen for something else."""
+
+    def __init__(self, store: PseudoLabelStore, run_name: str, identity: str | None = None):
         self.store = store
         self.root = f"{store.root}/acquisitions/{run_name}"
         store.fs.create_dir(self.root, recursive=True)
+        if identity is not None:
+            self._claim(run_name, identity)
+
+    def _claim(self, run_name: str, identity: str) -> None:
+        path = f"{self.root}/{LEDGER_FILE}"
+        try:
+            with self.store.fs.open_input_stream(path) as stream:
+                held = json.loads(stream.read()).get("identity")
+        except FileNotFoundError:
+            self.store._write_bytes(json.dumps({"identity": identity}).encode(), path)
+            return
+        except ValueError:
+            held = None
+        if held != identity:
+            raise UserError(
+                f"{self.store.display_root}/acquisitions/{run_name} holds the budget rounds of a run named"
+                f" {run_name!r} with another budget, corpus or training recipe; resuming them would train on rows"
+                " chosen for something else. Set output.name to a new name, or delete that directory to start over"
+            )
 
     def plan(self, round_index: int) -> pa.Table | None:
+        path = f"{self.root}/round-{round_index:02d}.parquet"
         try:
-            return pq.read_table(f"{self.root}/round-{round_index:02d}.parquet", filesystem=self.store.fs)
+            plan = pq.read_table(path, filesystem=self.store.fs)
         except FileNotFoundError:
             return None
+        except pa.ArrowInvalid as error:
+            raise UserError(
+                f"{path} is not a readable round plan ({error}); delete it to choose that round again"
+            ) from None
+        if not plan.schema.equals(LEDGER_SCHEMA):
+            raise UserError(
+                f"{path} is not a round plan (its columns are {plan.schema.names}); delete it to choose that round"
+                " again"
+            )
+        return plan
 
     def record_plan(self, round_index: int, table: pa.Table) -> None:
         self.store._write_atomically(table.cast(LEDGER_SCHEMA), f"{self.root}/round-{round_index:02d}.parquet")
@@ -136,8 +187,9 @@ def run_budget(cfg: Config, run_dir: Path, evaluation_rows=None) -> BudgetResult
     init_ray(cfg.ray)
     labeling = cfg.labeling
     store = PseudoLabelStore(cfg)
-    ledger = AcquisitionLedger(store, cfg.output.name)
     index = index_corpus(cfg)
+    candidate_keys = [index.keys[i] for i in index.candidates]
+    ledger = AcquisitionLedger(store, cfg.output.name, budget_identity(cfg, candidate_keys, index.holdout_keys))
     budget = acquisition.budget_rows(labeling.budget, len(index.candidates))
     probe_size, sizes = acquisition.round_sizes(budget, labeling.rounds, labeling.probe_fraction)
     logger.info(
