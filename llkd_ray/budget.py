@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,7 +208,7 @@ def run_budget(cfg: Config, run_dir: Path, evaluation_rows=None) -> BudgetResult
     for round_index, size in enumerate(sizes):
         plan = ledger.plan(round_index)
         if plan is None:
-            previous = Path(rounds[-1]["student_dir"]) if rounds else None
+            previous = _round_student(rounds[-1], run_dir).student_dir if rounds else None
             plan = _plan_round(cfg, index, ledger, round_index, size, probe_size, previous)
             ledger.record_plan(round_index, plan)
         wanted = set(plan["key"].to_pylist())
@@ -251,8 +252,8 @@ def run_budget(cfg: Config, run_dir: Path, evaluation_rows=None) -> BudgetResult
         "stopped_early": len(rounds) < len(sizes),
         "holdout_rows": len(index.holdout_keys),
     }
-    trained, pool, holdout = _load_round(cfg, ledger, index, len(rounds) - 1, run_dir, evaluation_rows)
-    return BudgetResult(trained, pool, holdout, rounds, summary)
+    pool, holdout = _round_pool(cfg, ledger, index, len(rounds) - 1, evaluation_rows)
+    return BudgetResult(_round_student(rounds[-1], run_dir), pool, holdout, rounds, summary)
 
 
 def _fmt(value) -> str:
@@ -335,25 +336,32 @@ def _round_config(cfg: Config, round_index: int) -> Config:
     )
 
 
-def _load_round(cfg: Config, ledger, index: CorpusIndex, round_index: int, run_dir: Path, evaluation_rows):
-    """(TrainResult, pool, holdout) of a round: the training rows bought so far, and the labeled holdout."""
+def _round_pool(cfg: Config, ledger, index: CorpusIndex, round_index: int, evaluation_rows):
+    """(pool, holdout) of a round: the training rows bought so far, and the labeled holdout."""
     from llkd_ray.pseudo_label_store import read_labels
-    from llkd_ray.training import TrainResult, split_pool_and_holdout
+    from llkd_ray.training import split_pool_and_holdout
 
     bought = _acquired(ledger, round_index)
     training_ids = set(bought.filter(pc.not_equal(bought["reason"], "probe"))["id"].to_pylist())
     id_of = index.id_of
     labels = read_labels(cfg, ids=training_ids | {id_of[key] for key in index.holdout_keys})
     pool, holdout = split_pool_and_holdout(labels, cfg)
-    if evaluation_rows is not None:
-        holdout = evaluation_rows(holdout)
-    round_dir = run_dir / "rounds" / f"round-{round_index:02d}"
-    state = round_dir / "result.json"
-    trained = None
-    if state.exists():
-        saved = json.loads(state.read_text())
-        trained = TrainResult(round_dir / "student", saved["history"], saved["used"], saved["checkpoint"])
-    return trained, pool, holdout
+    return pool, (holdout if evaluation_rows is None else evaluation_rows(holdout))
+
+
+def _round_student(record: dict, run_dir: Path):
+    """The TrainResult of a recorded round. Its exported student is restored from the round's final checkpoint (in
+    training.storage_path) when this driver does not hold it: a run resumed on another node carries on."""
+    from ray.train import Checkpoint
+
+    from llkd_ray.training import STUDENT_DIR, TrainResult
+
+    student_dir = run_dir / "rounds" / f"round-{record['round']:02d}" / STUDENT_DIR
+    if not (student_dir / "config.json").exists():
+        with Checkpoint(record["checkpoint"]).as_directory() as directory:
+            shutil.rmtree(student_dir, ignore_errors=True)
+            shutil.copytree(Path(directory) / STUDENT_DIR, student_dir)
+    return TrainResult(student_dir, record["history"], record["used"], record["checkpoint"])
 
 
 def _train_round(cfg: Config, ledger, index: CorpusIndex, round_index: int, run_dir: Path, evaluation_rows) -> dict:
@@ -362,16 +370,11 @@ def _train_round(cfg: Config, ledger, index: CorpusIndex, round_index: int, run_
     from llkd_ray.student import predict_probs
     from llkd_ray.training import train_student
 
-    _, pool, holdout = _load_round(cfg, ledger, index, round_index, run_dir, evaluation_rows)
+    pool, holdout = _round_pool(cfg, ledger, index, round_index, evaluation_rows)
     round_dir = run_dir / "rounds" / f"round-{round_index:02d}"
     round_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     trained = train_student(_round_config(cfg, round_index), pool, holdout, round_dir)
-    (round_dir / "result.json").write_text(
-        json.dumps(
-            {"history": trained.history, "used": trained.used_pool_indices, "checkpoint": trained.checkpoint_path}
-        )
-    )
     # The probe: rows the teacher labeled and no student trained on.
     probe_plan = ledger.plan(0)
     probe_ids = set(probe_plan.filter(pc.equal(probe_plan["reason"], "probe"))["id"].to_pylist())
@@ -392,4 +395,7 @@ def _train_round(cfg: Config, ledger, index: CorpusIndex, round_index: int, run_
         "holdout_macro_f1": last.get("eval_macro_f1"),
         "student_dir": str(trained.student_dir),
         "training_seconds": round(time.time() - started, 1),
+        "history": trained.history,
+        "used": trained.used_pool_indices,
+        "checkpoint": trained.checkpoint_path,
     }
