@@ -142,7 +142,8 @@ def index_corpus(cfg: Config) -> CorpusIndex:
     table = pa.concat_tables(batches) if batches else pa.table({c: pa.array([], pa.string()) for c in columns})
     rejected = pc.is_valid(table["reject_reason"]).to_pylist()
     keys, ids, golds = table["key"].to_pylist(), table["id"].to_pylist(), table["gold"].to_pylist()
-    usable = [i for i in range(len(keys)) if not rejected[i]]
+    # In key order: Ray Data does not keep row order, and a seed's draws must pick the same rows every time.
+    usable = sorted((i for i in range(len(keys)) if not rejected[i]), key=lambda i: keys[i])
     held = holdout_ids(
         [ids[i] for i in usable], [golds[i] for i in usable], cfg.task.label_names, cfg.evaluation.holdout
     )
