@@ -42,11 +42,12 @@ def kmeans(points: np.ndarray, k: int, rng: np.random.Generator, iterations: int
     distinct = np.unique(points, axis=0)
     k = min(k, len(distinct))
     centroids = [points[rng.integers(len(points))]]
+    closest = ((points - centroids[0]) ** 2).sum(axis=1)  # squared distance to the nearest centroid so far
     for _ in range(1, k):
-        distance = np.min(((points[:, None, :] - np.asarray(centroids)[None]) ** 2).sum(-1), axis=1)
-        if distance.sum() == 0:
+        if closest.sum() == 0:
             break
-        centroids.append(points[rng.choice(len(points), p=distance / distance.sum())])
+        centroids.append(points[rng.choice(len(points), p=closest / closest.sum())])
+        closest = np.minimum(closest, ((points - centroids[-1]) ** 2).sum(axis=1))
     centroids = np.asarray(centroids)
     for _ in range(iterations):
         assigned = nearest_centroid(points, centroids)
