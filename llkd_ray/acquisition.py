@@ -42,11 +42,12 @@ def kmeans(points: np.ndarray, k: int, rng: np.random.Generator, iterations: int
     distinct = np.unique(points, axis=0)
     k = min(k, len(distinct))
     centroids = [points[rng.integers(len(points))]]
+    closest = ((points - centroids[0]) ** 2).sum(axis=1)  # squared distance to the nearest centroid so far
     for _ in range(1, k):
-        distance = np.min(((points[:, None, :] - np.asarray(centroids)[None]) ** 2).sum(-1), axis=1)
-        if distance.sum() == 0:
+        if closest.sum() == 0:
             break
-        centroids.append(points[rng.choice(len(points), p=distance / distance.sum())])
+        centroids.append(points[rng.choice(len(points), p=closest / closest.sum())])
+        closest = np.minimum(closest, ((points - centroids[-1]) ** 2).sum(axis=1))
     centroids = np.asarray(centroids)
     for _ in range(iterations):
         assigned = nearest_centroid(points, centroids)
@@ -145,3 +146,20 @@ def agreement_stalled(previous: np.ndarray | None, current: np.ndarray, margin: 
     change = np.asarray(current, dtype=np.float64) - np.asarray(previous, dtype=np.float64)
     spread = change.std(ddof=1) / math.sqrt(len(change)) if len(change) > 1 else 0.0
     return change.mean() + spread < margin
+
+
+def budget_note(labeling, holdout: int) -> str:
+    """One line on how ``llkd run`` will spend a budget (``llkd check-config``)."""
+    budget = labeling.budget
+    amount = f"{budget:.0%} of the candidate rows" if isinstance(budget, float) else f"{budget} rows"
+    margin = labeling.stop_margin
+    return (
+        f"labeling budget: {amount} (the corpus less the {holdout} gold-labelled rows held out for evaluation, which"
+        f" are labeled too), in {labeling.rounds} round(s) chosen by {labeling.acquisition}; a probe of"
+        f" {labeling.probe_fraction:.0%} of the budget is never trained on; "
+        + (
+            "the whole budget is spent"
+            if margin is None
+            else f"spending stops when a round raises the student's agreement on the probe by less than {margin:g}"
+        )
+    )

@@ -16,8 +16,10 @@ so no teacher call is lost or made twice, and Ray Train resumes a half-trained r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,27 +31,77 @@ import pyarrow.parquet as pq
 
 from llkd_ray import acquisition
 from llkd_ray.config import Config
+from llkd_ray.errors import UserError
 from llkd_ray.pseudo_label_store import PseudoLabelStore
 
 logger = logging.getLogger(__name__)
+LEDGER_FILE = "ledger.json"
 LEDGER_SCHEMA = pa.schema(
     [("key", pa.string()), ("id", pa.string()), ("round", pa.int32()), ("reason", pa.string()), ("score", pa.float32())]
 )
 
 
-class AcquisitionLedger:
-    """What each round of one run chose, and what came of it, next to the labels in the store."""
+def budget_identity(cfg: Config, candidate_keys: list[str], holdout_keys: set[str]) -> str:
+    """What a run's rounds depend on: the budget's settings, the candidates, the holdout and the training recipe.
+    Where the scorers run and the stopping margin are left out: changing those resumes the same rounds."""
+    from llkd_ray.training import _NOT_RECIPE
 
-    def __init__(self, store: PseudoLabelStore, run_name: str):
+    identity = {
+        "labeling": cfg.labeling.model_dump(exclude={"scorer", "stop_margin"}),
+        "candidates": hashlib.sha256("\n".join(sorted(candidate_keys)).encode()).hexdigest(),
+        "holdout": hashlib.sha256("\n".join(sorted(holdout_keys)).encode()).hexdigest(),
+        "selection": cfg.selection.model_dump(),
+        "training": cfg.training.model_dump(exclude=_NOT_RECIPE),
+        "student": cfg.student.model_dump(),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class AcquisitionLedger:
+    """What each round of one run chose, and what came of it, next to the labels in the store. A ledger belongs to
+    one budget (``budget_identity``): a run of the same name with another budget, corpus or recipe is refused
+    instead of resuming rounds that were chosen for something else."""
+
+    def __init__(self, store: PseudoLabelStore, run_name: str, identity: str | None = None):
         self.store = store
         self.root = f"{store.root}/acquisitions/{run_name}"
         store.fs.create_dir(self.root, recursive=True)
+        if identity is not None:
+            self._claim(run_name, identity)
+
+    def _claim(self, run_name: str, identity: str) -> None:
+        path = f"{self.root}/{LEDGER_FILE}"
+        try:
+            with self.store.fs.open_input_stream(path) as stream:
+                held = json.loads(stream.read()).get("identity")
+        except FileNotFoundError:
+            self.store._write_bytes(json.dumps({"identity": identity}).encode(), path)
+            return
+        except ValueError:
+            held = None
+        if held != identity:
+            raise UserError(
+                f"{self.store.display_root}/acquisitions/{run_name} holds the budget rounds of a run named"
+                f" {run_name!r} with another budget, corpus or training recipe; resuming them would train on rows"
+                " chosen for something else. Set output.name to a new name, or delete that directory to start over"
+            )
 
     def plan(self, round_index: int) -> pa.Table | None:
+        path = f"{self.root}/round-{round_index:02d}.parquet"
         try:
-            return pq.read_table(f"{self.root}/round-{round_index:02d}.parquet", filesystem=self.store.fs)
+            plan = pq.read_table(path, filesystem=self.store.fs)
         except FileNotFoundError:
             return None
+        except pa.ArrowInvalid as error:
+            raise UserError(
+                f"{path} is not a readable round plan ({error}); delete it to choose that round again"
+            ) from None
+        if not plan.schema.equals(LEDGER_SCHEMA):
+            raise UserError(
+                f"{path} is not a round plan (its columns are {plan.schema.names}); delete it to choose that round"
+                " again"
+            )
+        return plan
 
     def record_plan(self, round_index: int, table: pa.Table) -> None:
         self.store._write_atomically(table.cast(LEDGER_SCHEMA), f"{self.root}/round-{round_index:02d}.parquet")
@@ -90,7 +142,8 @@ def index_corpus(cfg: Config) -> CorpusIndex:
     table = pa.concat_tables(batches) if batches else pa.table({c: pa.array([], pa.string()) for c in columns})
     rejected = pc.is_valid(table["reject_reason"]).to_pylist()
     keys, ids, golds = table["key"].to_pylist(), table["id"].to_pylist(), table["gold"].to_pylist()
-    usable = [i for i in range(len(keys)) if not rejected[i]]
+    # In key order: Ray Data does not keep row order, and a seed's draws must pick the same rows every time.
+    usable = sorted((i for i in range(len(keys)) if not rejected[i]), key=lambda i: keys[i])
     held = holdout_ids(
         [ids[i] for i in usable], [golds[i] for i in usable], cfg.task.label_names, cfg.evaluation.holdout
     )
@@ -136,8 +189,9 @@ def run_budget(cfg: Config, run_dir: Path, evaluation_rows=None) -> BudgetResult
     init_ray(cfg.ray)
     labeling = cfg.labeling
     store = PseudoLabelStore(cfg)
-    ledger = AcquisitionLedger(store, cfg.output.name)
     index = index_corpus(cfg)
+    candidate_keys = [index.keys[i] for i in index.candidates]
+    ledger = AcquisitionLedger(store, cfg.output.name, budget_identity(cfg, candidate_keys, index.holdout_keys))
     budget = acquisition.budget_rows(labeling.budget, len(index.candidates))
     probe_size, sizes = acquisition.round_sizes(budget, labeling.rounds, labeling.probe_fraction)
     logger.info(
@@ -155,7 +209,7 @@ def run_budget(cfg: Config, run_dir: Path, evaluation_rows=None) -> BudgetResult
     for round_index, size in enumerate(sizes):
         plan = ledger.plan(round_index)
         if plan is None:
-            previous = Path(rounds[-1]["student_dir"]) if rounds else None
+            previous = _round_student(rounds[-1], run_dir).student_dir if rounds else None
             plan = _plan_round(cfg, index, ledger, round_index, size, probe_size, previous)
             ledger.record_plan(round_index, plan)
         wanted = set(plan["key"].to_pylist())
@@ -199,8 +253,8 @@ def run_budget(cfg: Config, run_dir: Path, evaluation_rows=None) -> BudgetResult
         "stopped_early": len(rounds) < len(sizes),
         "holdout_rows": len(index.holdout_keys),
     }
-    trained, pool, holdout = _load_round(cfg, ledger, index, len(rounds) - 1, run_dir, evaluation_rows)
-    return BudgetResult(trained, pool, holdout, rounds, summary)
+    pool, holdout = _round_pool(cfg, ledger, index, len(rounds) - 1, evaluation_rows)
+    return BudgetResult(_round_student(rounds[-1], run_dir), pool, holdout, rounds, summary)
 
 
 def _fmt(value) -> str:
@@ -283,25 +337,32 @@ def _round_config(cfg: Config, round_index: int) -> Config:
     )
 
 
-def _load_round(cfg: Config, ledger, index: CorpusIndex, round_index: int, run_dir: Path, evaluation_rows):
-    """(TrainResult, pool, holdout) of a round: the training rows bought so far, and the labeled holdout."""
+def _round_pool(cfg: Config, ledger, index: CorpusIndex, round_index: int, evaluation_rows):
+    """(pool, holdout) of a round: the training rows bought so far, and the labeled holdout."""
     from llkd_ray.pseudo_label_store import read_labels
-    from llkd_ray.training import TrainResult, split_pool_and_holdout
+    from llkd_ray.training import split_pool_and_holdout
 
     bought = _acquired(ledger, round_index)
     training_ids = set(bought.filter(pc.not_equal(bought["reason"], "probe"))["id"].to_pylist())
     id_of = index.id_of
     labels = read_labels(cfg, ids=training_ids | {id_of[key] for key in index.holdout_keys})
     pool, holdout = split_pool_and_holdout(labels, cfg)
-    if evaluation_rows is not None:
-        holdout = evaluation_rows(holdout)
-    round_dir = run_dir / "rounds" / f"round-{round_index:02d}"
-    state = round_dir / "result.json"
-    trained = None
-    if state.exists():
-        saved = json.loads(state.read_text())
-        trained = TrainResult(round_dir / "student", saved["history"], saved["used"], saved["checkpoint"])
-    return trained, pool, holdout
+    return pool, (holdout if evaluation_rows is None else evaluation_rows(holdout))
+
+
+def _round_student(record: dict, run_dir: Path):
+    """The TrainResult of a recorded round. Its exported student is restored from the round's final checkpoint (in
+    training.storage_path) when this driver does not hold it: a run resumed on another node carries on."""
+    from ray.train import Checkpoint
+
+    from llkd_ray.training import STUDENT_DIR, TrainResult
+
+    student_dir = run_dir / "rounds" / f"round-{record['round']:02d}" / STUDENT_DIR
+    if not (student_dir / "config.json").exists():
+        with Checkpoint(record["checkpoint"]).as_directory() as directory:
+            shutil.rmtree(student_dir, ignore_errors=True)
+            shutil.copytree(Path(directory) / STUDENT_DIR, student_dir)
+    return TrainResult(student_dir, record["history"], record["used"], record["checkpoint"])
 
 
 def _train_round(cfg: Config, ledger, index: CorpusIndex, round_index: int, run_dir: Path, evaluation_rows) -> dict:
@@ -310,16 +371,11 @@ def _train_round(cfg: Config, ledger, index: CorpusIndex, round_index: int, run_
     from llkd_ray.student import predict_probs
     from llkd_ray.training import train_student
 
-    _, pool, holdout = _load_round(cfg, ledger, index, round_index, run_dir, evaluation_rows)
+    pool, holdout = _round_pool(cfg, ledger, index, round_index, evaluation_rows)
     round_dir = run_dir / "rounds" / f"round-{round_index:02d}"
     round_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     trained = train_student(_round_config(cfg, round_index), pool, holdout, round_dir)
-    (round_dir / "result.json").write_text(
-        json.dumps(
-            {"history": trained.history, "used": trained.used_pool_indices, "checkpoint": trained.checkpoint_path}
-        )
-    )
     # The probe: rows the teacher labeled and no student trained on.
     probe_plan = ledger.plan(0)
     probe_ids = set(probe_plan.filter(pc.equal(probe_plan["reason"], "probe"))["id"].to_pylist())
@@ -340,4 +396,7 @@ def _train_round(cfg: Config, ledger, index: CorpusIndex, round_index: int, run_
         "holdout_macro_f1": last.get("eval_macro_f1"),
         "student_dir": str(trained.student_dir),
         "training_seconds": round(time.time() - started, 1),
+        "history": trained.history,
+        "used": trained.used_pool_indices,
+        "checkpoint": trained.checkpoint_path,
     }

@@ -130,6 +130,10 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
             except Exception as error:  # an unreachable hub id, say: the config itself is still valid
                 note = f"could not load the teacher's tokenizer to count label tokens: {error}"
         print(f"llkd: {note}", file=sys.stderr)
+        if cfg.labeling.budget is not None:
+            from llkd_ray.acquisition import budget_note
+
+            print(f"llkd: {budget_note(cfg.labeling, cfg.evaluation.holdout)}", file=sys.stderr)
     elif args.command == "serve":
         from llkd_ray.serving import serve_command
 

@@ -109,14 +109,16 @@ def score_unlabeled(cfg: Config, model: str, exclude_keys: set[str], round_index
     rng = np.random.default_rng([cfg.labeling.seed, round_index])
     sample_fraction = min(1.0, cfg.labeling.cluster_sample / rows)
     sample = ds if sample_fraction == 1.0 else ds.random_sample(sample_fraction, seed=cfg.labeling.seed + round_index)
-    embedded = _collect(through_scorers(sample, None))
+    what = f"round {round_index}: the student scores"
+    # In key order: Ray Data does not keep row order, and k-means++ and the draws after it must not depend on it.
+    embedded = _collect(through_scorers(sample, None), round(rows * sample_fraction), what).sort_by("key")
     points = np.asarray(embedded["embedding"].to_pylist(), dtype=np.float32)
     centroids = kmeans(points, cfg.labeling.clusters, rng)
     if sample_fraction == 1.0:  # the whole remainder was embedded: assign it here, without a second pass
         clusters = pa.array(nearest_centroid(points, centroids), pa.int32())
         scored = embedded.drop_columns(["embedding"]).append_column("cluster", clusters)
     else:
-        scored = _collect(through_scorers(ds, centroids.astype(np.float32)))
+        scored = _collect(through_scorers(ds, centroids.astype(np.float32)), rows, what).sort_by("key")
     logger.info("round %d: the student scored %d unlabeled rows (%d clusters)", round_index, rows, len(centroids))
     return scored.select(SCORE_COLUMNS)
 
@@ -130,5 +132,17 @@ _SCORE_TYPES = {
 }
 
 
-def _collect(ds) -> pa.Table:
-    return pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
+def _collect(ds, total: int, what: str) -> pa.Table:
+    """Every row of ``ds``, with the run's one progress bar while they come back."""
+    from tqdm import tqdm
+
+    from llkd_ray.console import progress_stream
+
+    tables = []
+    with tqdm(
+        desc=f"[llkd] {what}", total=total, unit="row", dynamic_ncols=True, file=progress_stream(), mininterval=1.0
+    ) as progress:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            tables.append(batch)
+            progress.update(batch.num_rows)
+    return pa.concat_tables(tables)

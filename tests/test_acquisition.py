@@ -1,12 +1,18 @@
-"""The budget's choices (llkd_ray/acquisition.py) against hand-computed values."""
+"""The budget's choices (llkd_ray/acquisition.py) against hand-computed values, and its ledger's guards."""
 
 import math
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from conftest import make_config
 
 from llkd_ray import acquisition
+from llkd_ray.budget import LEDGER_SCHEMA, AcquisitionLedger, budget_identity
 from llkd_ray.config import ConfigError, load_config
+from llkd_ray.errors import UserError
+from llkd_ray.pseudo_label_store import PseudoLabelStore
 
 
 def test_budget_rows_reads_a_fraction_or_a_count():
@@ -92,3 +98,37 @@ def test_the_stopping_rule_stops_only_when_even_the_gains_upper_bound_is_under_t
     worse = before.copy()
     worse[0] = 0
     assert acquisition.agreement_stalled(before, worse, 0.005)
+
+
+def test_a_ledger_of_another_budget_is_refused_and_a_corrupt_plan_named(tmp_path):
+
+    cfg = make_config(store={"path": str(tmp_path / "store")}, labeling={"budget": 0.3})
+    store = PseudoLabelStore(cfg)
+    identity = budget_identity(cfg, ["a", "b", "c"], {"h"})
+    ledger = AcquisitionLedger(store, "run", identity)
+    AcquisitionLedger(store, "run", identity)  # the same budget resumes
+    # Where the scorers run and the stopping margin do not change which rows a round picks
+    moved = make_config(
+        store={"path": str(tmp_path / "store")},
+        labeling={"budget": 0.3, "stop_margin": None, "scorer": {"num_actors": 4}},
+    )
+    assert budget_identity(moved, ["c", "b", "a"], {"h"}) == identity
+    for other in (
+        budget_identity(make_config(labeling={"budget": 0.4}), ["a", "b", "c"], {"h"}),  # another budget
+        budget_identity(cfg, ["a", "b", "d"], {"h"}),  # another corpus
+        budget_identity(make_config(labeling={"budget": 0.3}, training={"epochs": 2}), ["a", "b", "c"], {"h"}),
+    ):
+        assert other != identity
+        with pytest.raises(UserError, match="with another budget, corpus or training recipe"):
+            AcquisitionLedger(store, "run", other)
+
+    plan = f"{ledger.root}/round-00.parquet"
+    with open(plan, "wb") as file:
+        file.write(b"not parquet")
+    with pytest.raises(UserError, match="round-00.parquet is not a readable round plan"):
+        ledger.plan(0)
+    ledger.record_plan(0, LEDGER_SCHEMA.empty_table())
+    assert ledger.plan(0).num_rows == 0
+    pq.write_table(pa.table({"key": ["a"]}), plan)
+    with pytest.raises(UserError, match="is not a round plan"):
+        ledger.plan(0)

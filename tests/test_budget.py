@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,6 +139,15 @@ def test_a_budget_run_killed_mid_round_resumes_with_exact_teacher_call_accountin
     assert uncertainty[0] > uncertainty[1]
     recorded = np.array([row["score"] for row in plan])
     assert recorded == pytest.approx(normalized_entropy(predict_probs(network, tokenizer, chosen, 48)), abs=1e-3)
+
+    # A driver on another node has no local copy of a round's student: it comes back from the round's checkpoint.
+    from llkd_ray.budget import _round_student
+
+    exported = tmp_path / "runs" / "budget" / "rounds" / "round-01" / "student"
+    weights = (exported / "model.safetensors").read_bytes()
+    shutil.rmtree(exported)
+    restored = _round_student(ledger.result(1), tmp_path / "runs" / "budget")
+    assert restored.student_dir == exported and (exported / "model.safetensors").read_bytes() == weights
 
     report = (tmp_path / "runs" / "budget" / "report.md").read_text()
     assert "## Teacher budget" in report and "| 2 | 18 |" in report

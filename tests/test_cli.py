@@ -85,6 +85,13 @@ def test_check_config_says_what_each_text_costs_the_teacher(capsys):
     note = capsys.readouterr().err
     assert "13 of them several tokens long; each text costs up to 18 engine requests" in note
     assert "Warning: up to 18 requests per text" in note
+    assert "labeling budget" not in note  # no budget: the whole corpus is labeled, as before
+    assert main(["check-config", teacher, "labeling.budget=0.3", "labeling.stop_margin=null"]) == 0
+    note = capsys.readouterr().err
+    assert "labeling budget: 30% of the candidate rows (the corpus less the 1000 gold-labelled rows held out" in note
+    assert "in 3 round(s) chosen by student; a probe of 10% of the budget" in note and "whole budget is spent" in note
+    assert main(["check-config", teacher, "labeling.budget=600"]) == 0
+    assert "labeling budget: 600 rows" in capsys.readouterr().err
 
 
 def test_version():
