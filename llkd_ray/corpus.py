@@ -347,6 +347,12 @@ def read_corpus(cfg: CorpusConfig):
     return ds.repartition(target_num_rows_per_block=cfg.rows_per_block)
 
 
+def rows_by_key(batch: pa.Table, keys: set[str], keep: bool) -> pa.Table:
+    """The rows of ``batch`` whose key is in ``keys`` (``keep``), or those whose key is not (a Ray Data batch fn)."""
+    listed = pc.is_in(batch["key"], value_set=pa.array(sorted(keys), type=pa.string()))
+    return batch.filter(listed if keep else pc.invert(listed))
+
+
 def corpus_ids(cfg: CorpusConfig) -> set[str]:
     """The ids of the corpus's usable rows (one extra pass over the corpus)."""
     ids: set[str] = set()

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import logging
 
-import pyarrow as pa
-import pyarrow.compute as pc
 from tqdm import tqdm
 
 from llkd_ray.config import Config
 from llkd_ray.console import progress_stream
-from llkd_ray.corpus import read_corpus
+from llkd_ray.corpus import read_corpus, rows_by_key
 from llkd_ray.pseudo_label_store import PseudoLabelStore, StoreSummary
 from llkd_ray.ray_session import init_ray
 from llkd_ray.teacher import TeacherActor
@@ -49,14 +47,6 @@ def teacher_pool(cfg: Config):
     return ActorPoolStrategy(size=cfg.teacher.num_actors)
 
 
-def _skip_stored(batch: pa.Table, stored: set[str]) -> pa.Table:
-    return batch.filter(pc.invert(pc.is_in(batch["key"], value_set=pa.array(sorted(stored), type=pa.string()))))
-
-
-def _only_keys(batch: pa.Table, keys: set[str]) -> pa.Table:
-    return batch.filter(pc.is_in(batch["key"], value_set=pa.array(sorted(keys), type=pa.string())))
-
-
 def run_labeling(cfg: Config, keys: set[str] | None = None) -> StoreSummary:
     """Label every corpus row the store does not hold yet (only those whose key is in ``keys``, when given: a
     budget round), then consolidate the store."""
@@ -70,11 +60,11 @@ def _label_missing_rows(cfg: Config, store: PseudoLabelStore, keys: set[str] | N
     stored = store.stored_keys()
     ds = read_corpus(cfg.corpus)
     if keys is not None:
-        ds = ds.map_batches(_only_keys, fn_kwargs={"keys": keys - stored}, batch_format="pyarrow")
+        ds = ds.map_batches(rows_by_key, fn_kwargs={"keys": keys - stored, "keep": True}, batch_format="pyarrow")
         stored = stored & keys  # what this call resumes from: the requested rows already in the store
     elif stored:
         logger.info("resuming: %d rows already in %s", len(stored), store.display_root)
-        ds = ds.map_batches(_skip_stored, fn_kwargs={"stored": stored}, batch_format="pyarrow")
+        ds = ds.map_batches(rows_by_key, fn_kwargs={"keys": stored, "keep": False}, batch_format="pyarrow")
     # One pass over the corpus without the teacher first: it sizes the progress bar, and if nothing is left no
     # engine loads and, on a cloud cluster, no GPU node is launched to find that out.
     remaining = ds.count()

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from llkd_ray.acquisition import kmeans, nearest_centroid, normalized_entropy
 from llkd_ray.config import Config
+from llkd_ray.corpus import rows_by_key
 
 logger = logging.getLogger(__name__)
 SCORE_COLUMNS = ["key", "id", "uncertainty", "predicted", "cluster"]
@@ -76,11 +77,7 @@ class StudentScorer:
 
 
 def _unlabeled(batch: pa.Table, exclude: set[str]) -> pa.Table:
-    usable = batch.filter(pc.is_null(batch["reject_reason"]))
-    if not exclude:
-        return usable
-    taken = pa.array(sorted(exclude), type=pa.string())
-    return usable.filter(pc.invert(pc.is_in(usable["key"], value_set=taken)))
+    return rows_by_key(batch.filter(pc.is_null(batch["reject_reason"])), exclude, keep=False)
 
 
 def score_unlabeled(cfg: Config, model: str, exclude_keys: set[str], round_index: int) -> pa.Table:
