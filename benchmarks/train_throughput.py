@@ -2,10 +2,11 @@
 against a plain single-process PyTorch loop, in one run.
 
 Every path does the same work per epoch on the same texts and cores: score the whole pool with the student (no
-gradients, batches of 128 in length order, as training scores it), then train on the same number of samples in
-length-grouped batches of 32 (``training.epoch_batches``), AdamW with clipping. The plain loop runs 2 torch
-threads in one process; each Ray worker runs 1 thread, and the two take half the steps each with a global batch
-of 64. Epoch time is the mean over the epochs after the first (the first pays for start-up and warm-up).
+gradients, ``training.score_batch_size`` texts a forward in length order, as training scores it), then train on
+the same number of samples in length-grouped batches of 32 (``training.epoch_batches``), AdamW with clipping.
+The plain loop runs 2 torch threads in one process; each Ray worker runs 1 thread, and the two take half the steps
+each with a global batch of 64. Epoch time is the mean over the epochs after the first (the first pays for
+start-up and warm-up).
 
     python benchmarks/train_throughput.py --texts 1024 --epochs 3
 """
@@ -49,6 +50,7 @@ def plain_loop(texts: list[str], labels: np.ndarray, args) -> tuple[list[float],
     import torch
     import torch.nn.functional as F
 
+    from llkd_ray.config import TrainingConfig
     from llkd_ray.student import load_student
     from llkd_ray.training import epoch_batches
 
@@ -58,6 +60,7 @@ def plain_loop(texts: list[str], labels: np.ndarray, args) -> tuple[list[float],
     rng = np.random.default_rng(0)
     lengths = np.array([len(text) for text in texts])
     by_length = np.argsort(lengths, kind="stable")
+    score_batch = TrainingConfig().score_batch_size  # what the Ray paths score with
 
     def encode(batch: list[str]):
         return tokenizer(batch, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
@@ -67,8 +70,9 @@ def plain_loop(texts: list[str], labels: np.ndarray, args) -> tuple[list[float],
         started = time.perf_counter()
         network.eval()
         with torch.no_grad():
-            for start in range(0, len(texts), 128):
-                torch.softmax(network(**encode([texts[i] for i in by_length[start : start + 128]])).logits, dim=-1)
+            for start in range(0, len(texts), score_batch):
+                batch = [texts[i] for i in by_length[start : start + score_batch]]
+                torch.softmax(network(**encode(batch)).logits, dim=-1)
         scored = time.perf_counter()
         network.train()
         for index in epoch_batches(np.arange(len(texts)), lengths, args.batch_size, args.steps, rng):

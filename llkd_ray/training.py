@@ -117,6 +117,7 @@ _NOT_RECIPE = {
     "accelerator_type",
     "resources_per_worker",
     "torch_threads",
+    "score_batch_size",
 }
 
 
@@ -366,13 +367,15 @@ def _score(engine, encode, texts: list[str], batch_size: int, collective: _Colle
     return probs
 
 
-def _score_pool(engine, encode, pool: ShardPool, wanted: np.ndarray, collective, pool_size: int, num_labels: int):
+def _score_pool(
+    engine, encode, pool: ShardPool, wanted: np.ndarray, collective, pool_size: int, num_labels: int, batch_size: int
+):
     """Student probabilities for the pool rows in ``wanted`` (a global mask), NaN for the rest: a selector that
     can only pick teacher-confident rows does not pay for scoring the others."""
     rows = np.flatnonzero(wanted[pool.index])
     local = np.full((len(pool.index), num_labels), np.nan)
     if wanted.any():
-        local[rows] = _score(engine, encode, [pool.texts[i] for i in rows], 128, collective, num_labels)
+        local[rows] = _score(engine, encode, [pool.texts[i] for i in rows], batch_size, collective, num_labels)
     return np.round(_gather_pool_rows(collective, pool.index, local, pool_size), SCORE_DECIMALS)
 
 
@@ -441,10 +444,10 @@ def _train_epoch(
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def _evaluate(engine, encode, holdout: dict, collective: _Collective, names: list[str]) -> dict:
+def _evaluate(engine, encode, holdout: dict, collective: _Collective, names: list[str], batch_size: int) -> dict:
     from llkd_ray.metrics import classification_report
 
-    probs = _score(engine, encode, holdout["text"], 128, collective, len(names))
+    probs = _score(engine, encode, holdout["text"], batch_size, collective, len(names))
     gathered = collective.gather((holdout["gold_index"], probs.argmax(axis=1).tolist()))
     gold = np.concatenate([np.asarray(g, dtype=np.int64) for g, _ in gathered])
     predicted = np.concatenate([np.asarray(p, dtype=np.int64) for _, p in gathered])
@@ -591,7 +594,9 @@ def train_loop(loop_config: dict) -> None:
         wanted = rows_to_score(cfg.selection.strategy, confident)
         if warmup and scope == "confident":  # the student's scores are not looked at in warm-up
             wanted = np.zeros(pool_size, dtype=bool)
-        student_probs = _score_pool(engine, encode, pool, wanted, collective, pool_size, len(names))
+        student_probs = _score_pool(
+            engine, encode, pool, wanted, collective, pool_size, len(names), cfg.training.score_batch_size
+        )
         selection = select(
             cfg.selection,
             PoolScores(teacher_probs, teacher_labels, student_probs),
@@ -623,7 +628,7 @@ def train_loop(loop_config: dict) -> None:
             cumulative_used_fraction=float(used.mean()) if pool_size else 0.0,
         )
         with average.applied(engine.module) if average is not None else contextlib.nullcontext():
-            metrics.update(_evaluate(engine, encode, holdout, collective, names))
+            metrics.update(_evaluate(engine, encode, holdout, collective, names, cfg.training.score_batch_size))
         metrics.update(
             score_select_seconds=round(scored_at - started, 3),
             train_seconds=round(train_seconds, 3),

@@ -106,6 +106,7 @@ def test_cluster_recipes_inherit_the_embedded_defaults_selection_and_training(re
         "resources_per_worker",
         "storage_path",
         "batch_size",
+        "score_batch_size",
     }
     # The 8B/70B recipes train RoBERTa-base, whose usual fine-tuning rate is lower than MiniLM's.
     student_specific = {"learning_rate"} if cfg.student.model != default.student.model else set()
