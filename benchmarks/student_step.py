@@ -2,9 +2,9 @@
 
 Two side-by-side measurements on the same texts, cores and weights (MiniLM, 2 torch threads, world size 1):
 
-- a training step (forward, backward, optimizer step; batch 32) with plain PyTorch AdamW and with DeepSpeed at
-  ZeRO stage 0 and 2, through ``llkd_ray.engines`` (which runs one worker's ZeRO-1/2 as stage 0: here the engine
-  is built at each stage directly);
+- a training step (forward, backward, optimizer step; batch 32) with plain PyTorch AdamW, with DeepSpeed as
+  ``llkd_ray.engines`` runs it for one worker (ZeRO-2 configured, stage 0 run), and with DeepSpeed ZeRO-2 on
+  the same DeepSpeed config;
 - scoring, as training scores the pool (length order, no gradients), at 128 and at 32 texts a forward.
 
     python benchmarks/student_step.py --steps 24 --texts 2000
@@ -27,7 +27,7 @@ def step_times(kind: str, texts: list[str], steps: int) -> dict:
     import torch
 
     from llkd_ray.config import TrainingConfig
-    from llkd_ray.engines import DeepSpeedEngine
+    from llkd_ray.engines import DeepSpeedEngine, deepspeed_config
     from llkd_ray.student import load_student
 
     network, tokenizer = load_student("minilm-l6", NAMES, seed=0)
@@ -35,24 +35,18 @@ def step_times(kind: str, texts: list[str], steps: int) -> dict:
         optimizer = torch.optim.AdamW(network.parameters(), lr=5e-5, weight_decay=0.01)
         forward = network
     else:
-        engine = DeepSpeedEngine.__new__(DeepSpeedEngine)
-        stage = int(kind[-1])
-        engine_cfg = TrainingConfig(strategy="deepspeed", zero_stage=stage)
-        DeepSpeedEngine.__init__(engine, network, engine_cfg, torch.device("cpu"))
-        if engine.zero_stage != stage:  # one worker: the engine chose stage 0; build the stage asked for
-            import deepspeed
+        import deepspeed
 
-            config = {
-                "train_micro_batch_size_per_gpu": 32,
-                "gradient_clipping": 1.0,
-                "optimizer": {"type": "AdamW", "params": {"lr": 5e-5, "weight_decay": 0.01, "torch_adam": True}},
-                "zero_optimization": {"stage": stage},
-                "steps_per_print": 10**9,
-            }
-            engine.engine, *_ = deepspeed.initialize(
+        device = torch.device("cpu")
+        if kind == "deepspeed-0":  # what training runs for one worker configured with ZeRO-2
+            engine = DeepSpeedEngine(network, TrainingConfig(strategy="deepspeed", zero_stage=2), device)
+            assert engine.zero_stage == 0
+            forward = engine.engine
+        else:  # ZeRO-2 as it ran before, with the same DeepSpeed config
+            config = deepspeed_config(TrainingConfig(strategy="deepspeed"), 2, device)
+            forward, *_ = deepspeed.initialize(
                 model=network, model_parameters=network.parameters(), config=config, dist_init_required=False
             )
-        forward = engine.engine
     rng = np.random.default_rng(0)
     totals = {"forward": 0.0, "backward": 0.0, "step": 0.0}
     for index in range(steps + 4):

@@ -60,6 +60,23 @@ def effective_zero_stage(configured: int, world_size: int) -> int:
     return 0 if world_size == 1 and configured in (1, 2) else configured
 
 
+def deepspeed_config(cfg: TrainingConfig, zero_stage: int, device: torch.device) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        # torch_adam: use torch's AdamW rather than compiling DeepSpeed's fused/CPU Adam ops.
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay, "torch_adam": True},
+        },
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": device.type == "cuda"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
 class DeepSpeedEngine:
     def __init__(self, network, cfg: TrainingConfig, device: torch.device):
         # Must be set before deepspeed is imported: without a GPU it would otherwise probe for CUDA.
@@ -71,20 +88,7 @@ class DeepSpeedEngine:
         self.zero_stage = effective_zero_stage(cfg.zero_stage, world_size)
         if self.zero_stage != cfg.zero_stage:
             logger.info("one worker: ZeRO-%d has nothing to partition, DeepSpeed runs stage 0", cfg.zero_stage)
-        config = {
-            "train_micro_batch_size_per_gpu": cfg.batch_size,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": 1.0,
-            # torch_adam: use torch's AdamW rather than compiling DeepSpeed's fused/CPU Adam ops.
-            "optimizer": {
-                "type": "AdamW",
-                "params": {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay, "torch_adam": True},
-            },
-            "zero_optimization": {"stage": self.zero_stage},
-            "bf16": {"enabled": device.type == "cuda"},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+        config = deepspeed_config(cfg, self.zero_stage, device)
         # dist_init_required=False: reuse the process group Ray Train already set up.
         self.engine, *_ = deepspeed.initialize(
             model=network, model_parameters=network.parameters(), config=config, dist_init_required=False
