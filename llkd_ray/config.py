@@ -261,7 +261,7 @@ class TrainingConfig(_Section):
     epochs: int = Field(default=6, ge=1)
     batch_size: int = Field(default=32, gt=0)  # per worker
     # Texts per forward when the student scores the pool and the holdout each epoch (sorted by length first). On 2
-    # CPU cores MiniLM scored 232 rows/s 32 at a time against 201 at 128 (benchmarks/student_step.py); a GPU wants
+    # CPU cores MiniLM scored 231 rows/s 32 at a time against 191 at 128 (benchmarks/student_step.py); a GPU wants
     # more (cluster/configs).
     score_batch_size: int = Field(default=32, gt=0)
     # One recipe for every selector: each epoch takes the same number of optimizer steps, drawn from the epoch's

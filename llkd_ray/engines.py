@@ -55,7 +55,7 @@ def safe_checkpoint_globals() -> list:
 def effective_zero_stage(configured: int, world_size: int) -> int:
     """The ZeRO stage DeepSpeed runs: ZeRO-1 and -2 partition the optimizer state and gradients across ranks, so
     with one rank there is nothing to partition, and their flat-buffer bookkeeping only costs time (on 2 CPU cores
-    a MiniLM optimizer step took 164 ms under ZeRO-2 against 67 ms under stage 0: benchmarks/student_step.py).
+    a MiniLM optimizer step took 160 ms under ZeRO-2 against 72 ms under stage 0: benchmarks/student_step.py).
     Stage 3 is kept: its checkpoints and weight gathering differ."""
     return 0 if world_size == 1 and configured in (1, 2) else configured
 
