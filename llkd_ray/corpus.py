@@ -347,9 +347,17 @@ def read_corpus(cfg: CorpusConfig):
     return ds.repartition(target_num_rows_per_block=cfg.rows_per_block)
 
 
-def rows_by_key(batch: pa.Table, keys: set[str], keep: bool) -> pa.Table:
-    """The rows of ``batch`` whose key is in ``keys`` (``keep``), or those whose key is not (a Ray Data batch fn)."""
-    listed = pc.is_in(batch["key"], value_set=pa.array(sorted(keys), type=pa.string()))
+def key_set(keys: set[str]) -> pa.Array:
+    """``keys`` as the Arrow array ``rows_by_key`` filters with: built once per pass, not once per batch (a store
+    of millions of keys would otherwise be sorted and copied for every block), and shipped to Ray's tasks as
+    Arrow buffers rather than a pickled Python set."""
+    return pa.array(sorted(keys), type=pa.string())
+
+
+def rows_by_key(batch: pa.Table, keys: pa.Array, keep: bool) -> pa.Table:
+    """The rows of ``batch`` whose key is in ``keys`` (``keep``), or those whose key is not (a Ray Data batch fn;
+    ``keys`` from ``key_set``)."""
+    listed = pc.is_in(batch["key"], value_set=keys)
     return batch.filter(listed if keep else pc.invert(listed))
 
 

@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 
 from llkd_ray.config import TrainingConfig
+from llkd_ray.errors import UserError
 
 DDP_STATE = "ddp_state.pt"
 ZERO_STAGE_FILE = "zero_stage.json"
+ZERO_STAGE_RECORD_LIMIT = 4096  # bytes read from it: the record is ~20, a planted multi-GB file is not read whole
 logger = logging.getLogger(__name__)
 
 
@@ -58,6 +60,31 @@ def effective_zero_stage(configured: int, world_size: int) -> int:
     a MiniLM optimizer step took 160 ms under ZeRO-2 against 72 ms under stage 0: benchmarks/student_step.py).
     Stage 3 is kept: its checkpoints and weight gathering differ."""
     return 0 if world_size == 1 and configured in (1, 2) else configured
+
+
+def read_zero_stage(text: str, where: str) -> int:
+    """The stage a checkpoint's ``zero_stage.json`` records. Anything else (a damaged or planted file) is refused by
+    name, not with a parser's traceback."""
+    try:
+        stage = json.loads(text)["zero_stage"]
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+        stage = None
+    if type(stage) is not int or not 0 <= stage <= 3:
+        raise UserError(
+            f'{where} is not a ZeRO stage record (expected {{"zero_stage": 0-3}}): the checkpoint was damaged or'
+            " altered; set output.name to start a new run, or delete the run's directory"
+        )
+    return stage
+
+
+def check_zero_stage(saved: int, running: int) -> None:
+    """DeepSpeed cannot load a checkpoint of another ZeRO stage (it fails deep inside ``load_checkpoint``)."""
+    if saved != running:
+        raise UserError(
+            f"this checkpoint was written under DeepSpeed ZeRO stage {saved} and this run has stage {running}"
+            " (one worker runs ZeRO-1/2 as stage 0): resume with the number of workers it was trained with, or"
+            " set output.name to start a new run"
+        )
 
 
 def deepspeed_config(cfg: TrainingConfig, zero_stage: int, device: torch.device) -> dict:
@@ -115,13 +142,9 @@ class DeepSpeedEngine:
     def load(self, directory: str) -> None:
         check_checkpoint_files(directory)
         saved = Path(directory) / ZERO_STAGE_FILE
-        stage = json.loads(saved.read_text())["zero_stage"] if saved.exists() else self.zero_stage
-        if stage != self.zero_stage:  # DeepSpeed would fail deep inside load_checkpoint
-            raise RuntimeError(
-                f"this checkpoint was written under DeepSpeed ZeRO stage {stage} and this run has stage"
-                f" {self.zero_stage} (one worker runs ZeRO-1/2 as stage 0): resume with the number of workers it"
-                " was trained with, or set output.name to start a new run"
-            )
+        if saved.exists():  # checkpoints from before the record was written are not checked
+            with open(saved, "rb") as handle:
+                check_zero_stage(read_zero_stage(handle.read(ZERO_STAGE_RECORD_LIMIT), str(saved)), self.zero_stage)
         self.engine.load_checkpoint(directory, tag="state")
 
     def full_state_dict(self) -> dict | None:

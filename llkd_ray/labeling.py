@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from llkd_ray.config import Config
 from llkd_ray.console import progress_stream
-from llkd_ray.corpus import read_corpus, rows_by_key
+from llkd_ray.corpus import key_set, read_corpus, rows_by_key
 from llkd_ray.pseudo_label_store import PseudoLabelStore, StoreSummary
 from llkd_ray.ray_session import init_ray
 from llkd_ray.teacher import TeacherActor
@@ -60,11 +60,13 @@ def _label_missing_rows(cfg: Config, store: PseudoLabelStore, keys: set[str] | N
     stored = store.stored_keys()
     ds = read_corpus(cfg.corpus)
     if keys is not None:
-        ds = ds.map_batches(rows_by_key, fn_kwargs={"keys": keys - stored, "keep": True}, batch_format="pyarrow")
+        ds = ds.map_batches(
+            rows_by_key, fn_kwargs={"keys": key_set(keys - stored), "keep": True}, batch_format="pyarrow"
+        )
         stored = stored & keys  # what this call resumes from: the requested rows already in the store
     elif stored:
         logger.info("resuming: %d rows already in %s", len(stored), store.display_root)
-        ds = ds.map_batches(rows_by_key, fn_kwargs={"keys": stored, "keep": False}, batch_format="pyarrow")
+        ds = ds.map_batches(rows_by_key, fn_kwargs={"keys": key_set(stored), "keep": False}, batch_format="pyarrow")
     # One pass over the corpus without the teacher first: it sizes the progress bar, and if nothing is left no
     # engine loads and, on a cloud cluster, no GPU node is launched to find that out.
     remaining = ds.count()

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from llkd_ray.acquisition import kmeans, nearest_centroid, normalized_entropy
 from llkd_ray.config import Config
-from llkd_ray.corpus import rows_by_key
+from llkd_ray.corpus import key_set, rows_by_key
 
 logger = logging.getLogger(__name__)
 SCORE_COLUMNS = ["key", "id", "uncertainty", "predicted", "cluster"]
@@ -76,7 +76,7 @@ class StudentScorer:
         return pa.table(columns)
 
 
-def _unlabeled(batch: pa.Table, exclude: set[str]) -> pa.Table:
+def _unlabeled(batch: pa.Table, exclude: pa.Array) -> pa.Table:
     return rows_by_key(batch.filter(pc.is_null(batch["reject_reason"])), exclude, keep=False)
 
 
@@ -87,7 +87,9 @@ def score_unlabeled(cfg: Config, model: str, exclude_keys: set[str], round_index
     from llkd_ray.corpus import read_corpus
 
     scorer = cfg.labeling.scorer
-    ds = read_corpus(cfg.corpus).map_batches(_unlabeled, fn_kwargs={"exclude": exclude_keys}, batch_format="pyarrow")
+    ds = read_corpus(cfg.corpus).map_batches(
+        _unlabeled, fn_kwargs={"exclude": key_set(exclude_keys)}, batch_format="pyarrow"
+    )
     rows = ds.count()
     if rows == 0:
         return pa.table({name: pa.array([], type) for name, type in _SCORE_TYPES.items()})

@@ -139,16 +139,33 @@ def check_resumable(cfg: Config, pool_size: int) -> None:
     from pyarrow import fs as pafs
 
     from llkd_ray import storage
+    from llkd_ray.engines import (
+        ZERO_STAGE_FILE,
+        ZERO_STAGE_RECORD_LIMIT,
+        check_zero_stage,
+        effective_zero_stage,
+        read_zero_stage,
+    )
 
     filesystem, root = storage.resolve(absolute(cfg.training.storage_path))
     run_root = f"{root.rstrip('/')}/{cfg.output.name}"
     found = filesystem.get_file_info(pafs.FileSelector(run_root, recursive=True, allow_not_found=True))
     expected = recipe_fingerprint(cfg, pool_size)
     for info in found:
+        if info.base_name == ZERO_STAGE_FILE and cfg.training.strategy == "deepspeed":
+            # Checked here too, so a worker count that changes the stage fails now, not after max_failures retries.
+            with filesystem.open_input_stream(info.path) as stream:
+                saved_stage = read_zero_stage(stream.read(ZERO_STAGE_RECORD_LIMIT), info.path)
+            check_zero_stage(saved_stage, effective_zero_stage(cfg.training.zero_stage, cfg.training.num_workers))
         if info.base_name != STATE_FILE:
             continue
         with filesystem.open_input_stream(info.path) as stream:
-            saved = json.loads(stream.read()).get("recipe")
+            saved = _saved_recipe(stream.read(STATE_RECORD_LIMIT))
+        if saved is None:
+            raise UserError(
+                f"{info.path} is damaged (not a JSON object with the run's recipe): set output.name to a new name,"
+                " or delete that run's directory to start over"
+            )
         if saved != expected:
             raise UserError(
                 f"{storage.join(cfg.training.storage_path, cfg.output.name)} holds a run named {cfg.output.name!r}"
@@ -156,6 +173,19 @@ def check_resumable(cfg: Config, pool_size: int) -> None:
                 " the same name would resume it. Set output.name to a new name, or delete that directory to"
                 " start over"
             )
+
+
+STATE_RECORD_LIMIT = 2**20  # bytes read from a checkpoint's llkd_state.json (a few KB; a planted huge file is cut)
+
+
+def _saved_recipe(text: bytes) -> str | None:
+    """The recipe fingerprint a checkpoint's state records, or None where the file is damaged or altered."""
+    try:
+        state = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    recipe = state.get("recipe") if isinstance(state, dict) else None
+    return recipe if isinstance(recipe, str) else None
 
 
 @dataclass

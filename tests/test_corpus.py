@@ -256,3 +256,13 @@ def test_keys_and_reject_ids_are_stable_when_a_line_is_inserted(tmp_path):
     assert set(old_keys) <= set(new_by_key) and len(new_by_key) == 7  # only the two new rows have new keys
     assert all(new_by_key[r["key"]]["source"] != r["source"] for r in old)  # while every source shifted
     assert all(new_by_key[r["key"]]["id"] == r["id"] for r in old)  # the reject's id included
+
+
+def test_rows_by_key_keeps_or_drops_the_listed_keys_with_one_prebuilt_key_array():
+    from llkd_ray.corpus import key_set, rows_by_key
+
+    batch = pa.table({"key": ["a", "b", "c", "d"], "id": ["1", "2", "3", "4"]})
+    keys = key_set({"b", "d", "not in the batch"})
+    assert rows_by_key(batch, keys, keep=True)["id"].to_pylist() == ["2", "4"]
+    assert rows_by_key(batch, keys, keep=False)["id"].to_pylist() == ["1", "3"]
+    assert rows_by_key(batch, key_set(set()), keep=False)["id"].to_pylist() == ["1", "2", "3", "4"]

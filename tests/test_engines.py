@@ -1,10 +1,12 @@
-"""The DeepSpeed engine's ZeRO stage: what one worker runs, and a checkpoint of another stage refused by name."""
+"""The DeepSpeed engine's ZeRO stage: what one worker runs, and a checkpoint of another stage refused by name;
+damaged checkpoint records refused by name on the driver and the worker."""
 
 import json
 
 import pytest
 
 from llkd_ray.engines import ZERO_STAGE_FILE, DeepSpeedEngine, effective_zero_stage
+from llkd_ray.errors import UserError
 
 
 def test_one_worker_runs_zero_1_and_2_as_stage_0_and_several_keep_their_stage():
@@ -16,5 +18,71 @@ def test_a_checkpoint_written_under_another_zero_stage_is_refused_before_deepspe
     engine = object.__new__(DeepSpeedEngine)  # the check runs before the DeepSpeed engine is touched
     engine.zero_stage = 2
     (tmp_path / ZERO_STAGE_FILE).write_text(json.dumps({"zero_stage": 0}))
-    with pytest.raises(RuntimeError, match="written under DeepSpeed ZeRO stage 0 and this run has stage 2"):
+    with pytest.raises(UserError, match="written under DeepSpeed ZeRO stage 0 and this run has stage 2"):
         engine.load(str(tmp_path))
+
+
+def run_config(tmp_path, **training):
+    from tests.conftest import make_config
+
+    return make_config(
+        training={"storage_path": str(tmp_path / "ray"), **training}, output={"name": "run", "dir": str(tmp_path)}
+    )
+
+
+def write_checkpoint(tmp_path, cfg, stage_record: str) -> None:
+    from llkd_ray.training import STATE_FILE, recipe_fingerprint
+
+    checkpoint = tmp_path / "ray" / "run" / "epoch-001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / STATE_FILE).write_text(json.dumps({"epoch": 1, "recipe": recipe_fingerprint(cfg, 120)}))
+    (checkpoint / ZERO_STAGE_FILE).write_text(stage_record)
+
+
+def test_the_driver_refuses_a_resume_whose_worker_count_changes_the_zero_stage_before_any_worker_starts(tmp_path):
+    from llkd_ray.training import check_resumable
+
+    one_worker = run_config(tmp_path, strategy="deepspeed", zero_stage=2, num_workers=1)
+    write_checkpoint(tmp_path, one_worker, json.dumps({"zero_stage": 0}))  # one worker ran ZeRO-2 as stage 0
+    check_resumable(one_worker, 120)
+    with pytest.raises(UserError, match="written under DeepSpeed ZeRO stage 0 and this run has stage 2"):
+        check_resumable(run_config(tmp_path, strategy="deepspeed", zero_stage=2, num_workers=2), 120)
+
+
+DAMAGED_STAGE_RECORDS = [
+    "not json",
+    "[0]",
+    "null",
+    json.dumps({"zero_stage": "2"}),
+    json.dumps({"zero_stage": 7}),
+    json.dumps({"zero_stage": True}),
+    json.dumps({"stage": 2}),
+    "[" * 100_000,
+    json.dumps({"zero_stage": 0, "padding": "x" * 10_000}),  # longer than a record can be: not read whole
+]
+
+
+@pytest.mark.parametrize("record", DAMAGED_STAGE_RECORDS, ids=range(len(DAMAGED_STAGE_RECORDS)))
+def test_a_damaged_zero_stage_record_is_refused_by_name_on_the_driver_and_the_worker(tmp_path, record):
+    from llkd_ray.training import check_resumable
+
+    cfg = run_config(tmp_path, strategy="deepspeed", zero_stage=2, num_workers=1)
+    write_checkpoint(tmp_path, cfg, record)
+    with pytest.raises(UserError, match="zero_stage.json is not a ZeRO stage record"):
+        check_resumable(cfg, 120)
+    engine = object.__new__(DeepSpeedEngine)
+    engine.zero_stage = 0
+    with pytest.raises(UserError, match="zero_stage.json is not a ZeRO stage record"):
+        engine.load(str(tmp_path / "ray" / "run" / "epoch-001"))
+
+
+@pytest.mark.parametrize("state", ["{", "[]", json.dumps({"epoch": 1}), json.dumps({"recipe": ["x"]}), "[" * 100_000])
+def test_a_damaged_checkpoint_state_is_refused_by_name(tmp_path, state):
+    from llkd_ray.training import STATE_FILE, check_resumable
+
+    cfg = run_config(tmp_path, strategy="ddp")
+    checkpoint = tmp_path / "ray" / "run" / "epoch-001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / STATE_FILE).write_text(state)
+    with pytest.raises(UserError, match="llkd_state.json is damaged"):
+        check_resumable(cfg, 120)
