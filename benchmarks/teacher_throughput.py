@@ -5,6 +5,8 @@ Paths (each in a subprocess of its own, so one engine's thread settings cannot l
   what a careful user writes first;
 - ``transformers``: the project's batched transformers backend (left padding, head at the last position);
 - ``vllm``: bare vLLM, the engine ``llkd label`` uses, called directly;
+- ``vllm-default-step``: the same with vLLM's own step size (4,096 prompt tokens an engine step, where the
+  teacher's CPU default is 1,024: ``teacher.vllm.max_num_batched_tokens``);
 - ``ray-data``: ``llkd label`` itself, the corpus streamed through a teacher actor on a local Ray cluster.
 
 Every path scores the same texts in the same order (the naive loop the first ``--naive-texts`` of them) after an
@@ -45,22 +47,26 @@ def texts_for(count: int, offset: int = 0) -> list[str]:
     return load_rotten_tomatoes(seed=11, limit=offset + count)["text"].to_pylist()[offset:]
 
 
-def overrides_for(args, backend: str) -> list[str]:
+VLLM_DEFAULT_STEP = 4096  # vLLM's max_num_batched_tokens where none is given (its log says so at engine start)
+
+
+def overrides_for(args, backend: str, step: int | None = None) -> list[str]:
     # vLLM counts prefix-cache hits only with its stats on.
-    return [
+    overrides = [
         f"teacher.model={args.model}",
         f"teacher.backend={backend}",
         f"teacher.batch_size={args.batch_size}",
         "teacher.vllm.engine_kwargs={disable_log_stats: false}",
     ]
+    return overrides + ([f"teacher.vllm.max_num_batched_tokens={step}"] if step else [])
 
 
-def teacher_for(args, backend: str):
+def teacher_for(args, backend: str, step: int | None = None):
     from llkd_ray.config import load_config
     from llkd_ray.model_sources import resolve_model
     from llkd_ray.teacher import Teacher
 
-    cfg = load_config(None, overrides_for(args, backend))
+    cfg = load_config(None, overrides_for(args, backend, step))
     return Teacher(cfg.task, cfg.teacher, resolve_model(args.model)), cfg
 
 
@@ -71,9 +77,9 @@ def timed_batches(teacher, texts: list[str], batch_size: int) -> float:
     return time.perf_counter() - started
 
 
-def run_vllm(args) -> dict:
+def run_vllm(args, step: int | None = None) -> dict:
     started = time.perf_counter()
-    teacher, cfg = teacher_for(args, "vllm")
+    teacher, cfg = teacher_for(args, "vllm", step)
     load_s = time.perf_counter() - started
     texts = texts_for(args.texts)
     teacher.score(texts_for(args.batch_size, offset=args.texts))  # warm-up
@@ -181,24 +187,19 @@ def run_ray_data_llm(args) -> dict:
 
     from llkd_ray.label_scoring import label_log_scores, normalize_scores
     from llkd_ray.model_sources import resolve_model
-    from llkd_ray.teacher_backends import resolve_dtype
+    from llkd_ray.teacher_backends import engine_arguments
 
     teacher, cfg = teacher_for(args, "transformers")  # its prompts and labels only; the engine is the processor's
     token_ids = teacher.verbalizer.single_token_ids
     if teacher.verbalizer.multi_token_continuations:
         return {"skipped": "multi-token labels need a request per prefix, not one per row"}
-    options = cfg.teacher.vllm
     # Before the processor is built: building it starts Ray if it is not running.
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    model_dir = resolve_model(args.model)
+    engine_kwargs = engine_arguments(model_dir, cfg.teacher, on_gpu=False)  # the same engine as the teacher's
     config = vLLMEngineProcessorConfig(
-        model_source=str(resolve_model(args.model)),
-        engine_kwargs={
-            "dtype": resolve_dtype(cfg.teacher.dtype),
-            "enable_prefix_caching": options.enable_prefix_caching,
-            "max_model_len": options.max_model_len,
-            "enforce_eager": True,
-            "block_size": options.block_size or 32,
-        },
+        model_source=str(model_dir),
+        engine_kwargs={name: value for name, value in engine_kwargs.items() if name != "model"},
         batch_size=args.batch_size,
         concurrency=1,
         # Token ids in, log-probs out: no chat-template, tokenizer or detokenizer actors (on 2 cores they took
@@ -242,6 +243,14 @@ def run_ray_data_llm(args) -> dict:
     return {**result, "probs": probs.tolist()}
 
 
+def cfg_step() -> int:
+    """The step size the teacher's vLLM engine runs with on this machine (its CPU default unless configured)."""
+    from llkd_ray.config import load_config
+    from llkd_ray.teacher_backends import engine_arguments
+
+    return engine_arguments("model", load_config(None, []).teacher, on_gpu=False)["max_num_batched_tokens"]
+
+
 def matmul_gflops() -> float:
     """This machine's fp32 matmul rate with every core: the roofline the teacher is measured against."""
     import torch
@@ -273,6 +282,7 @@ def flops_per_prompt(model: str, prompt_tokens: float, head_positions: float) ->
 def worker(args) -> None:
     result = {
         "vllm": run_vllm,
+        "vllm-default-step": lambda args: run_vllm(args, VLLM_DEFAULT_STEP),
         "transformers": run_transformers,
         "naive": run_naive,
         "ray-data": run_ray_data,
@@ -297,7 +307,7 @@ def measure(kind: str, args) -> dict:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-PATHS = ["naive", "transformers", "vllm", "ray-data", "ray-data-llm"]
+PATHS = ["naive", "transformers", "vllm", "vllm-default-step", "ray-data", "ray-data-llm"]
 
 
 def main() -> None:
@@ -318,23 +328,22 @@ def main() -> None:
     roofline = measure("matmul", args)["gflops"]
     results = {kind: measure(kind, args) for kind in dict.fromkeys(["vllm", *args.paths])}  # vLLM: the reference
     vllm = results["vllm"]
-    computed_per_prompt = vllm["computed_tokens"] / vllm["prompts"]
     print(f"\nmodel {args.model}; {os.cpu_count()} CPU cores; fp32 matmul roofline {roofline:.0f} GFLOP/s")
     print(
-        f"{'path':<14}{'prompts':>8}{'prompts/s':>11}{'prompt tok/s':>14}{'computed tok/prompt':>21}"
+        f"{'path':<19}{'prompts':>8}{'prompts/s':>11}{'prompt tok/s':>14}{'computed tok/prompt':>21}"
         f"{'GFLOP/s':>9}{'% roofline':>12}"
     )
     rates = {}
-    for kind in [kind for kind in ("naive", "transformers", "vllm") if kind in results]:
+    for kind in [kind for kind in ("naive", "transformers", "vllm", "vllm-default-step") if kind in results]:
         result = results[kind]
         rate = result["prompts"] / result["seconds"]
         tokens = result["prompt_tokens"] / result["prompts"]
         # Without a prefix cache every prompt token is computed; vLLM's counters say what it computed.
-        computed = computed_per_prompt if kind == "vllm" else tokens
+        computed = result["computed_tokens"] / result["prompts"] if "computed_tokens" in result else tokens
         flops = flops_per_prompt(args.model, computed, 1)
         rates[kind] = rate
         print(
-            f"{kind:<14}{result['prompts']:>8}{rate:>11.2f}{rate * tokens:>14.0f}{computed:>21.1f}"
+            f"{kind:<19}{result['prompts']:>8}{rate:>11.2f}{rate * tokens:>14.0f}{computed:>21.1f}"
             f"{rate * flops / 1e9:>9.1f}{100 * rate * flops / 1e9 / roofline:>11.1f}%"
         )
     ray_paths = {"ray-data": "llkd label: Ray Data, a teacher actor, the store", "ray-data-llm": "ray.data.llm"}
@@ -342,17 +351,22 @@ def main() -> None:
     for kind, what in [(kind, what) for kind, what in ray_paths.items() if kind in results]:
         result = results[kind]
         if "skipped" in result:
-            print(f"{kind:<14}  {what}: skipped, {result['skipped']}")
+            print(f"{kind:<19}  {what}: skipped, {result['skipped']}")
             continue
         steady[kind] = result["prompts"] / result["seconds"]
         end_to_end = result["prompts"] / result["end_to_end_seconds"]
-        print(f"{kind:<14}{result['prompts']:>8}{steady[kind]:>11.2f}  steady state ({what});")
-        print(f"{'':<14}{'':>8}{end_to_end:>11.2f}  end to end, the pool's start and engine load included")
+        print(f"{kind:<19}{result['prompts']:>8}{steady[kind]:>11.2f}  steady state ({what});")
+        print(f"{'':<19}{'':>8}{end_to_end:>11.2f}  end to end, the pool's start and engine load included")
     print()
     for kind in [kind for kind in ("transformers", "naive") if kind in rates]:
         print(
             f"vLLM / {'batched transformers' if kind == 'transformers' else 'naive loop'}:"
             f" {rates['vllm'] / rates[kind]:.1f}x"
+        )
+    if "vllm-default-step" in rates:
+        print(
+            f"vLLM, steps of {cfg_step()} tokens / vLLM's default {VLLM_DEFAULT_STEP}:"
+            f" {rates['vllm'] / rates['vllm-default-step']:.2f}x"
         )
     for kind in steady:
         print(f"{ray_paths[kind]} / bare vLLM, steady state: {steady[kind] / rates['vllm']:.2f}")

@@ -4,7 +4,7 @@ import pytest
 
 from llkd_ray.cli import main
 from llkd_ray.config import ConfigError, config_from_dict, load_config
-from tests.conftest import SENTIMENT_TASK
+from tests.conftest import SENTIMENT_TASK, make_config
 
 
 def test_default_config_loads_and_is_the_embedded_default():
@@ -112,3 +112,20 @@ def test_cluster_recipes_inherit_the_embedded_defaults_selection_and_training(re
     student_specific = {"learning_rate"} if cfg.student.model != default.student.model else set()
     keep = set(type(cfg.training).model_fields) - hardware - student_specific
     assert cfg.training.model_dump(include=keep) == default.training.model_dump(include=keep)
+
+
+def test_the_vllm_engine_gets_cpu_step_and_block_defaults_that_the_config_and_engine_kwargs_override():
+    from llkd_ray.teacher_backends import engine_arguments
+
+    cpu = engine_arguments("/m", make_config().teacher, on_gpu=False)
+    assert (cpu["max_num_batched_tokens"], cpu["block_size"], cpu["enforce_eager"]) == (1024, 32, True)
+    gpu = engine_arguments("/m", make_config().teacher, on_gpu=True)
+    assert "max_num_batched_tokens" not in gpu and "block_size" not in gpu  # vLLM's own GPU defaults
+    assert gpu["gpu_memory_utilization"] == 0.85 and gpu["enforce_eager"] is False
+    typed = make_config(teacher={"vllm": {"max_num_batched_tokens": 2048, "block_size": 16}}).teacher
+    assert engine_arguments("/m", typed, on_gpu=True)["max_num_batched_tokens"] == 2048
+    assert engine_arguments("/m", typed, on_gpu=False)["block_size"] == 16
+    raw = make_config(
+        teacher={"vllm": {"max_num_batched_tokens": 2048, "engine_kwargs": {"max_num_batched_tokens": 512}}}
+    )
+    assert engine_arguments("/m", raw.teacher, on_gpu=False)["max_num_batched_tokens"] == 512
