@@ -13,6 +13,7 @@ from tqdm import tqdm
 from llkd_ray.config import Config
 from llkd_ray.console import progress_stream
 from llkd_ray.corpus import key_set, read_corpus, rows_by_key
+from llkd_ray.model_sources import converts_on_first_use
 from llkd_ray.pseudo_label_store import PseudoLabelStore, StoreSummary
 from llkd_ray.ray_session import init_ray
 from llkd_ray.teacher import TeacherActor
@@ -85,11 +86,14 @@ def _label(cfg: Config, ds, store: PseudoLabelStore, total: int) -> tuple[int, i
     teacher = cfg.teacher
     pool = f"{teacher.num_actors}" + (f" to {teacher.max_actors}" if teacher.max_actors else "")
     logger.info(
-        "teacher %s (%s) on %s actor(s) labels %d rows; the first rows wait for the engine to load",
+        "teacher %s (%s) on %s actor(s) labels %d rows; the first rows wait for the engine to load%s",
         teacher.model,
         teacher.backend,
         pool,
         total,
+        " (a first run on this machine converts the teacher from GGUF first, once)"
+        if converts_on_first_use(teacher.model)
+        else "",
     )
     ds = ds.map_batches(
         TeacherActor,

