@@ -15,7 +15,7 @@ from llkd_ray.console import progress_stream
 from llkd_ray.corpus import key_set, read_corpus, rows_by_key
 from llkd_ray.model_sources import converts_on_first_use
 from llkd_ray.pseudo_label_store import PseudoLabelStore, StoreSummary
-from llkd_ray.ray_session import init_ray
+from llkd_ray.ray_session import init_ray, model_actor_pool
 from llkd_ray.teacher import TeacherActor
 
 logger = logging.getLogger(__name__)
@@ -41,11 +41,7 @@ def teacher_placement(cfg: Config) -> dict:
 
 def teacher_pool(cfg: Config):
     """A fixed pool of ``num_actors``, or one that autoscales up to ``max_actors`` (cloud GPU clusters)."""
-    from ray.data import ActorPoolStrategy
-
-    if cfg.teacher.max_actors:
-        return ActorPoolStrategy(min_size=cfg.teacher.num_actors, max_size=cfg.teacher.max_actors)
-    return ActorPoolStrategy(size=cfg.teacher.num_actors)
+    return model_actor_pool(cfg.teacher.num_actors, cfg.teacher.max_actors)
 
 
 def run_labeling(cfg: Config, keys: set[str] | None = None) -> StoreSummary:

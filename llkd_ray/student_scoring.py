@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from llkd_ray.acquisition import kmeans, nearest_centroid, normalized_entropy
 from llkd_ray.config import Config
 from llkd_ray.corpus import key_set, rows_by_key
+from llkd_ray.ray_session import model_actor_pool
 
 logger = logging.getLogger(__name__)
 SCORE_COLUMNS = ["key", "id", "uncertainty", "predicted", "cluster"]
@@ -82,8 +83,6 @@ def _unlabeled(batch: pa.Table, exclude: pa.Array) -> pa.Table:
 
 def score_unlabeled(cfg: Config, model: str, exclude_keys: set[str], round_index: int) -> pa.Table:
     """``SCORE_COLUMNS`` for every usable corpus row whose key is not in ``exclude_keys``."""
-    from ray.data import ActorPoolStrategy
-
     from llkd_ray.corpus import read_corpus
 
     scorer = cfg.labeling.scorer
@@ -100,7 +99,7 @@ def score_unlabeled(cfg: Config, model: str, exclude_keys: set[str], round_index
             fn_constructor_kwargs={"config": cfg, "model": model, "centroids": centroids},
             batch_size=scorer.batch_size,
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=scorer.num_actors),
+            compute=model_actor_pool(scorer.num_actors),
             num_cpus=scorer.num_cpus,
             num_gpus=scorer.num_gpus or None,
         )

@@ -169,6 +169,10 @@ def stop_test_cluster(timeout_s: float = 60) -> None:
             return False
 
     victims = [process for process in psutil.process_iter() if process.pid != os.getpid() and ours(process)]
+    # The raylet's agents retitle themselves ("ray::DashboardAgent") and would outlive it: take its children too.
+    for process in list(victims):
+        with contextlib.suppress(psutil.Error):
+            victims += [child for child in process.children(recursive=True) if child not in victims]
     for process in victims:
         with contextlib.suppress(psutil.Error):
             process.terminate()

@@ -245,3 +245,28 @@ def test_sigkill_during_finalize_then_an_inserted_line_resume_with_exact_account
     assert (again.rows, again.labeled, again.rejected, again.duplicates) == (43, 41, 2, 1)
     labels = pq.read_table(again.labels_path).to_pylist()
     assert sorted(row["text"] for row in labels) == sorted({r["text"] for r in records[:40]} | {new_text})
+
+
+def test_model_actor_pools_run_each_call_in_the_thread_that_built_the_model(ray_cluster):
+    # A second thread costs a CPU model a second OpenMP team (see model_actor_pool).
+    import threading
+
+    import ray.data
+
+    from llkd_ray.labeling import teacher_pool
+    from llkd_ray.ray_session import model_actor_pool
+
+    class ThreadRecorder:  # defined here so that Ray pickles it by value
+        def __init__(self):
+            self.init_thread = threading.get_ident()
+
+        def __call__(self, batch):
+            return {"same_thread": [threading.get_ident() == self.init_thread] * len(batch["id"])}
+
+    for pool in (model_actor_pool(1), teacher_pool(make_config(teacher={"max_actors": 2}))):
+        rows = (
+            ray.data.from_items([{"id": i} for i in range(12)])
+            .map_batches(ThreadRecorder, batch_size=4, compute=pool, num_cpus=0.5)
+            .take_all()
+        )
+        assert len(rows) == 12 and all(row["same_thread"] for row in rows)
