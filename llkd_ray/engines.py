@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -104,10 +105,33 @@ def deepspeed_config(cfg: TrainingConfig, zero_stage: int, device: torch.device)
     }
 
 
+def use_environment_extension_cache() -> str | None:
+    """Points torch's JIT extension builds (DeepSpeed's CPU all-reduce op) at this Python environment's own
+    folder, unless the user chose one (``TORCH_EXTENSIONS_DIR``) or the environment is read-only.
+
+    torch's default, ``~/.cache/torch_extensions``, is shared by every environment of a user: a second clone
+    (or CI beside a checkout) rebuilds the op over the first one's, with its own paths, and each then rebuilds it
+    again on its next training run: ~20 s, silently, inside the first epoch. Returns the folder used.
+    """
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
+    return os.environ.get("TORCH_EXTENSIONS_DIR")
+
+
+def build_deepspeed_cpu_ops() -> None:
+    """Builds DeepSpeed's CPU all-reduce op where training will look for it (``cluster/setup_local.sh``)."""
+    use_environment_extension_cache()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 class DeepSpeedEngine:
     def __init__(self, network, cfg: TrainingConfig, device: torch.device):
         # Must be set before deepspeed is imported: without a GPU it would otherwise probe for CUDA.
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+        use_environment_extension_cache()
         import deepspeed
         import torch.distributed as dist
 

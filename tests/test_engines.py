@@ -1,17 +1,34 @@
 """The DeepSpeed engine's ZeRO stage: what one worker runs, and a checkpoint of another stage refused by name;
-damaged checkpoint records refused by name on the driver and the worker."""
+damaged checkpoint records refused by name on the driver and the worker; where its CPU op is built."""
 
 import json
+import os
 
 import pytest
 
-from llkd_ray.engines import ZERO_STAGE_FILE, DeepSpeedEngine, effective_zero_stage
+from llkd_ray.engines import ZERO_STAGE_FILE, DeepSpeedEngine, effective_zero_stage, use_environment_extension_cache
 from llkd_ray.errors import UserError
 
 
 def test_one_worker_runs_zero_1_and_2_as_stage_0_and_several_keep_their_stage():
     assert [effective_zero_stage(stage, 1) for stage in range(4)] == [0, 0, 0, 3]
     assert [effective_zero_stage(stage, 2) for stage in range(4)] == [0, 1, 2, 3]
+
+
+def test_deepspeed_ops_are_built_inside_this_python_environment_unless_the_user_chose_a_folder(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    assert use_environment_extension_cache() == str(tmp_path / "torch_extensions")
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/opt/ops")
+    assert use_environment_extension_cache() == "/opt/ops"
+
+    # An environment this user cannot write to (a system install, say) keeps torch's default.
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "not-here"))
+    assert use_environment_extension_cache() is None and "TORCH_EXTENSIONS_DIR" not in os.environ
 
 
 def test_a_checkpoint_written_under_another_zero_stage_is_refused_before_deepspeed_reads_it(tmp_path):
