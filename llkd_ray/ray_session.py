@@ -1,4 +1,5 @@
-"""Connecting to Ray: an existing cluster when one is named (or RAY_ADDRESS is set), else a local one."""
+"""Connecting to Ray (an existing cluster when one is named or RAY_ADDRESS is set, else a local one), and the
+Ray Data actor pool that model-holding stages share."""
 
 from __future__ import annotations
 

@@ -124,8 +124,9 @@ def engine_arguments(model_dir: Path, cfg: TeacherConfig, on_gpu: bool) -> dict:
     block_size = options.block_size or (None if on_gpu else 32)
     if block_size is not None:
         arguments["block_size"] = block_size
-    # On CPU, steps of 1,024 tokens labeled 1.10x faster than vLLM's 4,096 in benchmarks/teacher_throughput.py
-    # (1.1-1.4x in one-off runs), likely because a step's vocabulary-head logits stay in cache; GPUs keep vLLM's.
+    # On CPU, steps of 1,024 tokens labeled 1.10x and 1.15x faster than vLLM's 4,096 in two runs of
+    # benchmarks/teacher_throughput.py (1.1-1.4x in one-off runs), likely because a step's vocabulary-head logits
+    # stay in cache; GPUs keep vLLM's.
     batched_tokens = options.max_num_batched_tokens or (None if on_gpu else 1024)
     if batched_tokens is not None:
         arguments["max_num_batched_tokens"] = batched_tokens
