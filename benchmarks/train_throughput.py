@@ -14,6 +14,7 @@ start-up and warm-up).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import tempfile
 import time
@@ -25,6 +26,7 @@ import pyarrow as pa
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 NAMES = ["positive", "negative"]
+log = logging.getLogger("llkd_ray.benchmarks")  # under llkd_ray: the quiet console shows it
 
 
 def pseudo_labels(count: int) -> pa.Table:
@@ -136,19 +138,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="optimizer steps of batch-size samples per epoch")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--log", default="runs/train_throughput.log", help="Ray's, DeepSpeed's and the models' output")
     args = parser.parse_args()
 
     import ray
 
-    table = pseudo_labels(args.texts)
-    plain = plain_loop(table["text"].to_pylist(), np.asarray(table["label_index"].to_pylist()), args)
-    ray.init(num_cpus=2, include_dashboard=False)
-    epochs = {
-        "plain PyTorch, 2 threads": plain,
-        "Ray Train DDP, 2 workers": ray_loop(table, "ddp", args),
-        "Ray Train DeepSpeed ZeRO-2, 2 workers": ray_loop(table, "deepspeed", args),
-    }
-    ray.shutdown()
+    from llkd_ray.console import console
+
+    # The project's quiet console: Ray's, transformers' and DeepSpeed's output goes to the log file; the terminal
+    # shows the workers' epoch lines and the table.
+    with console(Path(args.log).resolve()):
+        table = pseudo_labels(args.texts)
+        log.info("plain PyTorch loop, %d epochs", args.epochs)
+        plain = plain_loop(table["text"].to_pylist(), np.asarray(table["label_index"].to_pylist()), args)
+        ray.init(num_cpus=2, include_dashboard=False)
+        epochs = {"plain PyTorch, 2 threads": plain}
+        for name, strategy in (("Ray Train DDP", "ddp"), ("Ray Train DeepSpeed ZeRO-2", "deepspeed")):
+            log.info("%s, 2 workers, %d epochs", name, args.epochs)
+            epochs[f"{name}, 2 workers"] = ray_loop(table, strategy, args)
+        ray.shutdown()
     print(
         f"\n{args.texts} texts scored and {args.steps * args.batch_size} trained per epoch, batch {args.batch_size},"
         f" max_length {args.max_length}, {args.epochs} epochs, {os.cpu_count()} CPU cores"

@@ -431,6 +431,16 @@ def epoch_batches(positions: np.ndarray, lengths: np.ndarray, batch_size: int, s
     return batches[:steps]
 
 
+def align_across_workers(batches: list[list[int]], lengths: np.ndarray, shared_rng) -> list[list[int]]:
+    """This worker's batches in the order of a permutation every worker draws alike (``shared_rng`` is seeded the
+    same on every rank) applied to its batches sorted by their longest text: at each step, every worker trains on
+    the batch of the same length rank. Each DDP step waits for the slowest worker, and independently shuffled
+    length-grouped batches made it wait for a longer batch than its own: on Rotten Tomatoes with 2 workers, the
+    sum over steps of the longer padded batch was 23% above the mean. A worker's order stays a random one."""
+    by_length = sorted(range(len(batches)), key=lambda i: (int(lengths[batches[i]].max()), i))
+    return [batches[by_length[i]] for i in shared_rng.permutation(len(batches))]
+
+
 @dataclass
 class StepPlan:
     steps: int  # this epoch's optimizer steps, on every worker
@@ -439,10 +449,11 @@ class StepPlan:
 
 
 def _train_epoch(
-    engine, encode, pool: ShardPool, weights: np.ndarray, plan: StepPlan, cfg: Config, rng, average=None
+    engine, encode, pool: ShardPool, weights: np.ndarray, plan: StepPlan, cfg: Config, rng, shared_rng, average=None
 ) -> float:
     """This epoch's ``plan.steps`` optimizer steps on this worker's selected samples; returns their mean loss.
     A worker with nothing selected takes zero-weight steps, which keep the gradient all-reduce in step.
+    ``rng`` forms this worker's batches; ``shared_rng`` (None for one worker) orders them alike on every worker.
     ``average`` (a WeightAverage) follows every step."""
     import torch
 
@@ -450,6 +461,8 @@ def _train_epoch(
     positions = np.flatnonzero(weights > 0)
     lengths = np.array([len(text) for text in pool.texts])
     batches = epoch_batches(positions, lengths, training.batch_size, plan.steps, rng)
+    if shared_rng is not None:
+        batches = align_across_workers(batches, lengths, shared_rng)
     engine.train(True)
     losses = []
     for step in range(plan.steps):
@@ -639,7 +652,9 @@ def train_loop(loop_config: dict) -> None:
         scored_at = time.time()
         plan = StepPlan(steps, (epoch - 1) * steps, total_steps)
         rng = np.random.default_rng([cfg.training.seed, epoch, rank])
-        loss = _train_epoch(engine, encode, pool, selection.weights[pool.index], plan, cfg, rng, average)
+        # One worker has no one to wait for: its batch order stays what it was before workers were aligned.
+        shared_rng = np.random.default_rng([cfg.training.seed, epoch]) if context.get_world_size() > 1 else None
+        loss = _train_epoch(engine, encode, pool, selection.weights[pool.index], plan, cfg, rng, shared_rng, average)
         losses = [value for value in collective.gather(loss) if not np.isnan(value)]
         train_seconds = time.time() - scored_at
 
