@@ -15,10 +15,12 @@ import argparse
 import asyncio
 import collections
 import json
+import logging
 import os
 import socket
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -27,6 +29,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 HUGE = b'{"texts": ["' + b"x" * (50 * 2**20) + b'"]}'
 JSON_HEADERS = {"Content-Type": "application/json"}
+log = logging.getLogger("llkd_ray.benchmarks")  # under llkd_ray: the quiet console shows it
 BODY_LIMIT = 2**20  # serve.max_body_bytes here: the chunked body below streams twice that
 
 
@@ -98,6 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--log", default="runs/hostile_serve.log", help="Ray's, Serve's and the model's output")
     args = parser.parse_args()
 
     import ray
@@ -105,27 +109,33 @@ def main() -> None:
     from ray import serve
 
     from llkd_ray.config import ServeConfig
+    from llkd_ray.console import console
     from llkd_ray.corpus import load_rotten_tomatoes
     from llkd_ray.serving import build_app
     from llkd_ray.student import export_student, load_student, predict_probs
 
-    network, tokenizer = load_student("minilm-l6", ["positive", "negative"], seed=7)
-    student = str(export_student(network, tokenizer, tempfile.mkdtemp() + "/student", {}, max_length=64))
-    texts = load_rotten_tomatoes(seed=9, limit=200)["text"].to_pylist()
-    offline = dict(zip(texts, predict_probs(network, tokenizer, texts, max_length=64)))
+    # The project's quiet console: Ray's, Serve's and transformers' output goes to the log file.
+    with console(Path(args.log).resolve()):
+        network, tokenizer = load_student("minilm-l6", ["positive", "negative"], seed=7)
+        student = str(export_student(network, tokenizer, tempfile.mkdtemp() + "/student", {}, max_length=64))
+        texts = load_rotten_tomatoes(seed=9, limit=200)["text"].to_pylist()
+        offline = dict(zip(texts, predict_probs(network, tokenizer, texts, max_length=64)))
 
-    options = ServeConfig(max_texts=64, max_text_chars=20_000, overlong="reject", num_cpus=1, max_body_bytes=BODY_LIMIT)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": options.request_timeout_s})
-    serve.run(build_app(student, options), name="hostile", route_prefix="/", blocking=False)
-    base = f"http://127.0.0.1:{port}"
-    result = asyncio.run(run_load(f"{base}/v1/classify", texts, args.requests, args.concurrency, options.max_texts))
-    stats = requests.get(f"{base}/v1/metadata", timeout=60).json()["stats"]
-    serve.shutdown()
-    ray.shutdown()
+        options = ServeConfig(
+            max_texts=64, max_text_chars=20_000, overlong="reject", num_cpus=1, max_body_bytes=BODY_LIMIT
+        )
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": options.request_timeout_s})
+        serve.run(build_app(student, options), name="hostile", route_prefix="/", blocking=False)
+        base = f"http://127.0.0.1:{port}"
+        log.info("%d requests at concurrency %d", args.requests, args.concurrency)
+        result = asyncio.run(run_load(f"{base}/v1/classify", texts, args.requests, args.concurrency, options.max_texts))
+        stats = requests.get(f"{base}/v1/metadata", timeout=60).json()["stats"]
+        serve.shutdown()
+        ray.shutdown()
 
     labels = ["positive", "negative"]
     mismatches = sum(

@@ -38,7 +38,8 @@ def has_cuda() -> bool:
 
 
 def resolve_dtype(dtype: str) -> str:
-    # CPUs without native bf16 (this one) run bfloat16 ~6x slower than float32; GPUs want bf16.
+    # GPUs want bf16. CPUs stay in float32: without native bf16 it ran ~6x slower; with it (AVX512-BF16), vLLM ran
+    # 1.66x faster but moved label probabilities by up to 0.09 (README, teacher benchmark): an opt-in, not a default.
     if dtype != "auto":
         return dtype
     return "bfloat16" if has_cuda() else "float32"
