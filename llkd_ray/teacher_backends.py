@@ -38,8 +38,9 @@ def has_cuda() -> bool:
 
 
 def resolve_dtype(dtype: str) -> str:
-    # GPUs want bf16. CPUs stay in float32: without native bf16 it ran ~6x slower; with it (AVX512-BF16), vLLM ran
-    # 1.66x faster but moved label probabilities by up to 0.09 (README, teacher benchmark): an opt-in, not a default.
+    # GPUs want bf16. CPUs stay in float32: without native bf16 it ran ~6x slower; with it (AVX512-BF16), vLLM
+    # labeled 1.5-1.65x faster, the teacher as good on dev, but moved probabilities by up to 0.24
+    # (benchmarks/teacher_dtype.py): an opt-in, not a default.
     if dtype != "auto":
         return dtype
     return "bfloat16" if has_cuda() else "float32"
