@@ -1,6 +1,7 @@
 """The teacher on each benchmark dataset's dev rows: macro-F1 raw, calibrated with a uniform class prior (the
 default) and with the EM-estimated prior (``teacher.class_prior=estimated``), and how correct its most confident
-labels are (what LLKD's teacher gate relies on). Reads the labels ``distill_quality.py`` stored; starts no Ray.
+labels are (what LLKD's teacher gate relies on). Reads the labels ``distill_quality.py`` stored and labels nothing
+(the corpus ids are read through Ray Data, which starts a local Ray).
 
     python benchmarks/teacher_calibration.py                       # every dataset already labelled
     python benchmarks/teacher_calibration.py --datasets ag_news trec
