@@ -115,6 +115,26 @@ def split_dev_test(holdout):
     return holdout.take(dev), holdout.take(test)
 
 
+def dataset_config(name: str, work: Path, extra: list[str] = ()):
+    """The config that points the pipeline at dataset ``name``, with ``extra`` overrides after it."""
+    from llkd_ray.config import load_config
+
+    spec = yaml.safe_load((DATASETS / f"{name}.yaml").read_text())
+    return load_config(None, corpus_overrides(spec, work) + list(extra))
+
+
+def stored_splits(cfg):
+    """(every stored label of the corpus, pool, dev, test): the teacher's labels as the store holds them, the pool
+    training draws from, and the held-out gold rows split into dev and test."""
+    from llkd_ray.corpus import corpus_ids
+    from llkd_ray.pseudo_label_store import read_labels
+    from llkd_ray.training import split_pool_and_holdout
+
+    labels = read_labels(cfg, ids=corpus_ids(cfg.corpus))
+    pool, holdout = split_pool_and_holdout(labels, cfg)
+    return (labels, pool, *split_dev_test(holdout))
+
+
 def with_gold_labels(pool):
     """The pool with the teacher's columns replaced by one-hot gold labels (rows without gold keep the teacher's)."""
     import pyarrow as pa
@@ -323,10 +343,7 @@ def main() -> None:
 
 def run_matrix(args, work: Path, code: str) -> list[dict]:
     from llkd_ray.config import load_config
-    from llkd_ray.corpus import corpus_ids
     from llkd_ray.labeling import run_labeling
-    from llkd_ray.pseudo_label_store import read_labels
-    from llkd_ray.training import split_pool_and_holdout
 
     results = []
     for dataset in args.datasets:
@@ -334,8 +351,7 @@ def run_matrix(args, work: Path, code: str) -> list[dict]:
         base = corpus_overrides(spec, work) + list(args.overrides)
         cfg = load_config(None, base)
         run_labeling(cfg)
-        pool, holdout = split_pool_and_holdout(read_labels(cfg, ids=corpus_ids(cfg.corpus)), cfg)
-        dev, test = split_dev_test(holdout)
+        _, pool, dev, test = stored_splits(cfg)
         log.info("%s: pool %d, dev %d, test %d", dataset, pool.num_rows, dev.num_rows, test.num_rows)
         for seed in args.seeds:
             for selector in args.selectors:

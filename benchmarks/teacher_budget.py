@@ -244,10 +244,7 @@ def main() -> None:
 
     from llkd_ray.config import load_config
     from llkd_ray.console import console
-    from llkd_ray.corpus import corpus_ids
     from llkd_ray.labeling import run_labeling
-    from llkd_ray.pseudo_label_store import read_labels
-    from llkd_ray.training import split_pool_and_holdout
 
     work = Path(args.work).resolve()
     code = dq.code_fingerprint()
@@ -260,8 +257,7 @@ def main() -> None:
             base = dq.corpus_overrides(spec, work) + ["labeling.budget=0.3"] + list(args.overrides)
             cfg = load_config(None, base)
             run_labeling(cfg)  # the whole corpus, once, into the shared store (a no-op once it is there)
-            pool, holdout = split_pool_and_holdout(read_labels(cfg, ids=corpus_ids(cfg.corpus)), cfg)
-            dev, test = dq.split_dev_test(holdout)
+            _, pool, dev, test = dq.stored_splits(cfg)
             for seed in args.seeds:
                 for arm in args.arms:
                     if arm == "full":

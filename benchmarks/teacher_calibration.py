@@ -15,23 +15,16 @@ from pathlib import Path
 
 import distill_quality as bench
 import numpy as np
-import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def dev_report(name: str, work: Path) -> str:
-    from llkd_ray.config import load_config
-    from llkd_ray.corpus import corpus_ids
     from llkd_ray.label_scoring import calibrate, em_class_prior, label_prior
     from llkd_ray.metrics import classification_report
-    from llkd_ray.pseudo_label_store import read_labels
-    from llkd_ray.training import split_pool_and_holdout
 
-    spec = yaml.safe_load((bench.DATASETS / f"{name}.yaml").read_text())
-    cfg = load_config(None, bench.corpus_overrides(spec, work))
-    labels = read_labels(cfg, ids=corpus_ids(cfg.corpus))
-    dev, _ = bench.split_dev_test(split_pool_and_holdout(labels, cfg)[1])
+    cfg = bench.dataset_config(name, work)
+    labels, _, dev, _ = bench.stored_splits(cfg)
     # Priors over the whole corpus, as the store computes them; scores on the dev rows only.
     raw = np.asarray(labels["probs_raw"].to_pylist())
     uniform = calibrate(raw, label_prior(raw))

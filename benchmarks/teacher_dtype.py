@@ -25,30 +25,10 @@ from pathlib import Path
 
 import distill_quality as bench
 import numpy as np
-import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 DTYPES = ("float32", "bfloat16")
-
-
-def dataset_config(name: str, work: Path, extra: list[str] = ()):
-    from llkd_ray.config import load_config
-
-    spec = yaml.safe_load((bench.DATASETS / f"{name}.yaml").read_text())
-    return load_config(None, bench.corpus_overrides(spec, work) + list(extra))
-
-
-def stored_labels(name: str, work: Path):
-    """(the corpus's stored labels, its dev rows) as distill_quality split them."""
-    from llkd_ray.corpus import corpus_ids
-    from llkd_ray.pseudo_label_store import read_labels
-    from llkd_ray.training import split_pool_and_holdout
-
-    cfg = dataset_config(name, work)
-    labels = read_labels(cfg, ids=corpus_ids(cfg.corpus))
-    dev, _ = bench.split_dev_test(split_pool_and_holdout(labels, cfg)[1])
-    return labels, dev
 
 
 def relabel(name: str, dtype: str, work: Path, texts_file: Path, out: Path) -> None:
@@ -57,7 +37,7 @@ def relabel(name: str, dtype: str, work: Path, texts_file: Path, out: Path) -> N
     from llkd_ray.teacher import Teacher
 
     texts = json.loads(texts_file.read_text())
-    cfg = dataset_config(name, work, [f"teacher.dtype={dtype}", "teacher.backend=vllm"])
+    cfg = bench.dataset_config(name, work, [f"teacher.dtype={dtype}", "teacher.backend=vllm"])
     teacher = Teacher(cfg.task, cfg.teacher, resolve_model(cfg.teacher.model))
     batch = cfg.teacher.batch_size
     teacher.score(texts[:64])  # warm-up (the timed texts then find only the shared prompt prefix cached)
@@ -67,14 +47,13 @@ def relabel(name: str, dtype: str, work: Path, texts_file: Path, out: Path) -> N
     print("SECONDS " + json.dumps(time.perf_counter() - started), flush=True)
 
 
-def compare(name: str, labels, dev, work: Path, scratch: Path) -> dict:
+def compare(name: str, labels, dev, names: list[str], work: Path, scratch: Path) -> dict:
     from llkd_ray.label_scoring import calibrate, label_prior
     from llkd_ray.metrics import classification_report
 
     position = {row_id: i for i, row_id in enumerate(labels["id"].to_pylist())}
     rows = [position[row_id] for row_id in dev["id"].to_pylist()]
     gold = np.asarray(dev["gold_index"].to_pylist())
-    names = dataset_config(name, work).task.label_names
     texts_file = scratch / f"{name}.json"
     texts_file.write_text(json.dumps(labels["text"].to_pylist()))
     result = {"dataset": name, "rows": labels.num_rows, "dev_rows": len(rows)}
@@ -126,13 +105,15 @@ def main() -> None:
 
     print(f"{os.cpu_count()} CPU cores; the CPU's bf16 flags: {cpu_bf16_flags()}")
     with console(Path(args.log).resolve()):  # Ray Data's output (reading the corpora) goes to the log file
-        stored = {name: stored_labels(name, work) for name in args.datasets}
+        configs = {name: bench.dataset_config(name, work) for name in args.datasets}
+        stored = {name: bench.stored_splits(cfg) for name, cfg in configs.items()}
         ray.shutdown()  # reading the corpora started Ray; the engines get the cores to themselves
     results = []
     with tempfile.TemporaryDirectory() as scratch:
-        for name, (labels, dev) in stored.items():
+        for name, (labels, _, dev, _) in stored.items():
             print(f"[bench] {name}: relabeling in {' and '.join(DTYPES)} ...", flush=True)
-            results.append(compare(name, labels, dev, work, Path(scratch)))
+            names = configs[name].task.label_names
+            results.append(compare(name, labels, dev, names, work, Path(scratch)))
     print(
         f"\n{'dataset':<16} {'rows':>5} {'fp32 /s':>8} {'bf16 /s':>8} {'speed':>6}"
         f" {'dev F1 fp32':>11} {'bf16':>6} {'max |dp|':>8} {'labels changed':>14}"
