@@ -129,7 +129,7 @@ class TeacherConfig(_Section):
     memory_gib: float | None = Field(default=7.0, gt=0)
     accelerator_type: str | None = None  # e.g. "L4", "H100": places actors on nodes of that type
     resources: dict[str, float] = {}  # custom Ray resources, e.g. {"teacher_node": 1}
-    torch_threads: int | None = Field(default=None, gt=0)  # None: every core the actor's node offers
+    torch_threads: int | None = Field(default=None, gt=0)  # None: the node's cores over the actors it can hold
     batch_size: int = Field(default=256, gt=0)  # prompts per actor call: vLLM schedules a whole batch at once
     max_text_tokens: int = Field(default=256, gt=0)  # longer texts are truncated and flagged
     calibrate: bool = True  # divide by the corpus label prior, renormalise (no gold labels used)
@@ -166,7 +166,7 @@ class ScorerConfig(_Section):
     num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)  # a fraction shares a GPU: encoder forwards are cheap
     batch_size: int = Field(default=64, gt=0)
-    torch_threads: int | None = Field(default=None, gt=0)  # None: every core the actor's node offers
+    torch_threads: int | None = Field(default=None, gt=0)  # None: the node's cores over the actors it can hold
 
 
 class LabelingConfig(_Section):
@@ -356,8 +356,9 @@ class ServeConfig(_Section):
     # replica's event loop, and direct ingress, where each replica also answers HTTP on a port of its own
     # (from 30000), bypassing the proxy. On 2 cores the proxy was the wall (benchmarks/serve_load.py).
     throughput_optimized: bool = True
-    # Torch threads per replica. None: every core of the replica's node (Ray would export OMP_NUM_THREADS=num_cpus,
-    # one thread for num_cpus=1, and a batched replica runs one forward at a time: half of a 2-core box idle).
+    # Torch threads per replica. None: the node's cores shared among as many replicas (up to max_replicas) as fit
+    # on it (Ray would export OMP_NUM_THREADS=num_cpus, one thread for num_cpus=1, and a batched replica runs one
+    # forward at a time: half of a 2-core box idle). See ray_session.threads_per_copy.
     torch_threads: int | None = Field(default=None, gt=0)
 
 

@@ -46,6 +46,21 @@ def init_ray(cfg: RayConfig) -> None:
     )
 
 
+def threads_per_copy(explicit: int | None, copies: int, cpus_each: float, cores: int | None = None) -> int:
+    """Torch/OpenMP threads for one of ``copies`` actors or replicas that ask ``cpus_each`` CPUs each.
+
+    ``explicit`` wins. Otherwise the node's cores are shared among as many copies as Ray can place on one node, so
+    copies packed on a node do not oversubscribe it (four 16-thread actors on 16 cores ran four OpenMP teams on
+    every core), and a lone copy still uses every core: Ray exports OMP_NUM_THREADS=num_cpus, one thread for a
+    fractional CPU, which would leave half of a 2-core box idle.
+    """
+    if explicit:
+        return explicit
+    cores = cores or os.cpu_count() or 1
+    fit = int(cores // cpus_each) if cpus_each > 0 else copies
+    return max(1, cores // max(1, min(copies, fit)))
+
+
 def model_actor_pool(size: int, max_size: int | None = None):
     """A Ray Data actor pool whose UDF runs in the actor's own thread, the one that built the model.
 

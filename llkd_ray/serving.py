@@ -30,6 +30,7 @@ from ray import serve
 
 from llkd_ray import __version__, storage
 from llkd_ray.config import Config, ServeConfig
+from llkd_ray.ray_session import threads_per_copy
 from llkd_ray.student import STUDENT_METADATA
 
 APP_NAME = "llkd-student"
@@ -154,7 +155,8 @@ class StudentClassifier:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.options = ServeConfig.model_validate(options)
-        torch.set_num_threads(self.options.torch_threads or os.cpu_count() or 1)
+        options = self.options
+        torch.set_num_threads(threads_per_copy(options.torch_threads, options.max_replicas, options.num_cpus))
         # A student on a URI is fetched by each replica, on whichever node it lands.
         local_dir = storage.fetch_directory(student_dir) if storage.is_uri(student_dir) else Path(student_dir)
         self.network = AutoModelForSequenceClassification.from_pretrained(local_dir).eval()

@@ -10,7 +10,6 @@ so only four small columns per row come back to the driver.
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +18,7 @@ import pyarrow.compute as pc
 from llkd_ray.acquisition import kmeans, nearest_centroid, normalized_entropy
 from llkd_ray.config import Config
 from llkd_ray.corpus import key_set, rows_by_key
-from llkd_ray.ray_session import model_actor_pool
+from llkd_ray.ray_session import model_actor_pool, threads_per_copy
 
 logger = logging.getLogger(__name__)
 SCORE_COLUMNS = ["key", "id", "uncertainty", "predicted", "cluster"]
@@ -29,7 +28,8 @@ class StudentScorer:
     """Ray Data ``map_batches`` actor: (uncertainty, predicted class, and embedding or cluster) per row."""
 
     def __init__(self, config: Config, model: str, centroids: np.ndarray | None = None):
-        threads = config.labeling.scorer.torch_threads or os.cpu_count() or 1
+        scorer = config.labeling.scorer
+        threads = threads_per_copy(scorer.torch_threads, scorer.num_actors, scorer.num_cpus)
         import torch
 
         from llkd_ray.student import load_student

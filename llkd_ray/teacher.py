@@ -13,6 +13,7 @@ from llkd_ray.config import Config, TaskConfig, TeacherConfig
 from llkd_ray.corpus import ROW_SCHEMA
 from llkd_ray.label_scoring import label_log_scores, normalize_scores
 from llkd_ray.prompts import build_verbalizer, render_prompt
+from llkd_ray.ray_session import threads_per_copy
 from llkd_ray.teacher_backends import TeacherBackend
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ class TeacherActor:
     def __init__(self, config: Config):
         # Ray exports OMP_NUM_THREADS=<num_cpus> (1 for a fractional or single CPU) to every actor, and vLLM's
         # CPU kernels honour it: without this the teacher would use one core of the node whatever it has.
-        threads = config.teacher.torch_threads or os.cpu_count() or 1
+        teacher = config.teacher
+        threads = threads_per_copy(teacher.torch_threads, teacher.max_actors or teacher.num_actors, teacher.num_cpus)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         import torch
 

@@ -129,3 +129,15 @@ def test_the_vllm_engine_gets_cpu_step_and_block_defaults_that_the_config_and_en
         teacher={"vllm": {"max_num_batched_tokens": 2048, "engine_kwargs": {"max_num_batched_tokens": 512}}}
     )
     assert engine_arguments("/m", raw.teacher, on_gpu=False)["max_num_batched_tokens"] == 512
+
+
+def test_actors_packed_on_a_node_share_its_cores_instead_of_each_taking_all_of_them():
+    from llkd_ray.ray_session import threads_per_copy
+
+    assert threads_per_copy(None, copies=1, cpus_each=1, cores=2) == 2  # a lone actor uses the whole box
+    assert threads_per_copy(None, copies=4, cpus_each=4, cores=16) == 4  # four fit: 4 x 4 threads
+    assert threads_per_copy(None, copies=8, cpus_each=1, cores=16) == 2  # eight fit on 16 cores
+    assert threads_per_copy(None, copies=8, cpus_each=4, cores=16) == 4  # only four fit, the rest go elsewhere
+    assert threads_per_copy(None, copies=3, cpus_each=0.5, cores=2) == 1  # more copies than cores: one each
+    assert threads_per_copy(None, copies=2, cpus_each=0, cores=8) == 4  # no CPUs asked: all copies may share
+    assert threads_per_copy(3, copies=8, cpus_each=1, cores=16) == 3  # an explicit count wins
