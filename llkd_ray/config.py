@@ -143,6 +143,11 @@ class TeacherConfig(_Section):
     # (teacher_backends.prefixes_worth_following). Half the backends' agreement tolerance (2e-3) by default;
     # 0 follows every variant to its end. Each variant followed costs the teacher one more request per text.
     continuation_tolerance: float = Field(default=1e-3, ge=0, lt=1)
+    # Pad the prompts' shared prefix (instruction, label line, few-shot examples) to whole KV-cache blocks with
+    # newline tokens after the label line (prompts.prefix_padding). vLLM caches whole blocks only: unpadded, the
+    # prefix's last partial block is recomputed for every text (20 of the embedded default's 148 prefix tokens).
+    # The prompt changes, so the labels move a little (benchmarks/teacher_settings.py). Plain prompts only.
+    align_prefix: bool = False
     vllm: VLLMOptions = VLLMOptions()
 
     @model_validator(mode="after")
@@ -383,6 +388,12 @@ class Config(_Section):
     output: OutputConfig = OutputConfig()
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _prefix_padding_needs_plain_prompts(self) -> Config:
+        if self.teacher.align_prefix and self.task.prompt_style != "plain":
+            raise ValueError("teacher.align_prefix pads plain prompts only; task.prompt_style is chat")
+        return self
 
 
 def _format_errors(error: ValidationError, model: type[BaseModel], data: dict) -> str:

@@ -50,6 +50,61 @@ def render_prompt(task: TaskConfig, text: str, tokenizer=None) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def encode_prompts(task: TaskConfig, tokenizer, texts: list[str]) -> list[list[int]]:
+    """The teacher's token ids of each text's prompt."""
+    prompts = [render_prompt(task, text, tokenizer) for text in texts]
+    # The chat template already spells out BOS and the special tokens it needs.
+    add_special = task.prompt_style == "plain"
+    return [tokenizer(prompt, add_special_tokens=add_special)["input_ids"] for prompt in prompts]
+
+
+def _common_length(sequences: list[list[int]]) -> int:
+    length = 0
+    for column in zip(*sequences):
+        if len(set(column)) > 1:
+            break
+        length += 1
+    return length
+
+
+# Texts that share no first token: what all their prompts have in common is the task's shared prefix.
+_PROBE_TEXTS = ["a", "Z", "0", "!", "\u00e9"]
+
+
+def shared_prefix_length(task: TaskConfig, tokenizer, padding: PrefixPadding | None = None) -> int:
+    """Tokens every prompt of the task starts with (with ``padding`` applied)."""
+    prompts = encode_prompts(task, tokenizer, _PROBE_TEXTS)
+    return _common_length([(padding or PrefixPadding()).apply(ids) for ids in prompts])
+
+
+@dataclass(frozen=True)
+class PrefixPadding:
+    """``tokens`` inserted into every prompt's ids at position ``at``."""
+
+    at: int = 0
+    tokens: tuple[int, ...] = ()
+
+    def apply(self, ids: list[int]) -> list[int]:
+        return [*ids[: self.at], *self.tokens, *ids[self.at :]] if self.tokens else ids
+
+
+def prefix_padding(task: TaskConfig, tokenizer, block: int) -> PrefixPadding:
+    """Newline tokens after the label line that make the shared prefix a whole number of ``block``-token blocks.
+
+    vLLM's prefix cache keeps whole KV blocks only, so the shared prefix's last partial block would otherwise be
+    recomputed with every text. The newlines extend the blank line between the label line and the examples.
+    """
+    if task.prompt_style != "plain":
+        raise ValueError("prefix padding is for plain prompts only")
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    if len(newline) != 1:
+        raise ValueError(f"this tokenizer spells a newline as {len(newline)} tokens: the prefix cannot be padded")
+    shared = shared_prefix_length(task, tokenizer)
+    head = tokenizer(f"{task.instruction}\n{_label_line(task)}", add_special_tokens=True)["input_ids"]
+    at = min(_common_length([head, encode_prompts(task, tokenizer, _PROBE_TEXTS[:1])[0]]), shared)
+    return PrefixPadding(at, tuple(newline) * (-shared % block))
+
+
 @dataclass(frozen=True)
 class Verbalizer:
     """Every surface form of every label, as token ids in the context where the answer starts.

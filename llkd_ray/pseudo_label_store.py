@@ -82,13 +82,18 @@ def _digest(payload: dict) -> str:
 def teacher_fingerprint(cfg: Config) -> str:
     """Identifies what the teacher's raw scores depend on: the weights, the prompt and the labels. Not how they
     are computed: the backends agree within 2e-3, and teacher.continuation_tolerance bounds what variants not followed
-    move a probability by."""
+    move a probability by. A dtype other than ``auto`` and the prefix padding change the scores by more: each is
+    in the fingerprint when set (absent when not, so the stores of every earlier default config stay theirs)."""
+    changed = {"dtype": cfg.teacher.dtype} if cfg.teacher.dtype != "auto" else {}
+    if cfg.teacher.align_prefix:
+        changed["align_prefix"] = True
     return _digest(
         {
             "model": model_identity(cfg.teacher.model),
             "task": cfg.task.model_dump(),
             "max_text_tokens": cfg.teacher.max_text_tokens,
             "layout": STORE_LAYOUT,
+            **changed,
         }
     )
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 from llkd_ray.config import Config, TaskConfig, TeacherConfig
 from llkd_ray.corpus import ROW_SCHEMA
 from llkd_ray.label_scoring import label_log_scores, normalize_scores
-from llkd_ray.prompts import build_verbalizer, render_prompt
+from llkd_ray.prompts import PrefixPadding, build_verbalizer, encode_prompts, prefix_padding, shared_prefix_length
 from llkd_ray.ray_session import threads_per_copy
 from llkd_ray.teacher_backends import TeacherBackend
 
@@ -37,12 +37,13 @@ class Teacher:
         """``backend`` lets several tasks share one loaded engine; by default one is built from ``cfg``."""
         from transformers import AutoTokenizer
 
-        from llkd_ray.teacher_backends import make_backend
+        from llkd_ray.teacher_backends import kv_block_size, make_backend
 
         self.task = task
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.verbalizer = build_verbalizer(task, self.tokenizer)
+        self.padding = prefix_padding(task, self.tokenizer, kv_block_size(cfg)) if cfg.align_prefix else PrefixPadding()
         longest = len(self.encode(["x"])[0]) + cfg.max_text_tokens
         longest += max(len(ids) for _, ids in self.verbalizer.variants)
         if cfg.backend == "vllm" and longest > cfg.vllm.max_model_len:
@@ -64,10 +65,7 @@ class Teacher:
         return self.tokenizer.decode(ids[: self.cfg.max_text_tokens]), True
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        prompts = [render_prompt(self.task, text, self.tokenizer) for text in texts]
-        # The chat template already spells out BOS and the special tokens it needs.
-        add_special = self.task.prompt_style == "plain"
-        return [self.tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts]
+        return [self.padding.apply(ids) for ids in encode_prompts(self.task, self.tokenizer, texts)]
 
     def score(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(raw label distribution [n, labels], label mass [n], truncated [n]) for already-validated texts."""
@@ -133,8 +131,10 @@ def labeling_cost_note(cfg: Config) -> str:
     from transformers import AutoTokenizer
 
     from llkd_ray.model_sources import resolve_model
+    from llkd_ray.teacher_backends import kv_block_size
 
-    verbalizer = build_verbalizer(cfg.task, AutoTokenizer.from_pretrained(resolve_model(cfg.teacher.model)))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.teacher.model))
+    verbalizer = build_verbalizer(cfg.task, tokenizer)
     requests = verbalizer.engine_requests_per_text
     multi = len(verbalizer.multi_token_continuations)
     tolerance = cfg.teacher.continuation_tolerance
@@ -153,7 +153,26 @@ def labeling_cost_note(cfg: Config) -> str:
             f". Warning: up to {requests} requests per text slow labeling down; label names (or verbalizers) of one"
             " token each cost one request"
         )
+    if cfg.task.prompt_style == "plain":
+        note += ". " + _prefix_note(cfg, tokenizer, kv_block_size(cfg.teacher))
     return note
+
+
+def _prefix_note(cfg: Config, tokenizer, block: int) -> str:
+    """How much of the shared prompt prefix vLLM's prefix cache can keep (it keeps whole blocks only)."""
+    shared = shared_prefix_length(cfg.task, tokenizer)
+    if cfg.teacher.align_prefix:
+        padding = prefix_padding(cfg.task, tokenizer, block)
+        return (
+            f"The prompts share {shared} tokens, padded with {len(padding.tokens)} newline tokens to"
+            f" {shared + len(padding.tokens)}: whole {block}-token KV blocks, all cached"
+        )
+    if shared % block == 0:
+        return f"The prompts share {shared} tokens: whole {block}-token KV blocks, all cached"
+    return (
+        f"The prompts share {shared} tokens; vLLM caches whole {block}-token KV blocks, so the last {shared % block}"
+        " are computed again for every text (teacher.align_prefix pads the prefix to whole blocks)"
+    )
 
 
 MANY_REQUESTS = 8  # past this, the continuation requests cost more than the prompt's own prefill

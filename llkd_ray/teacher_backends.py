@@ -40,7 +40,7 @@ def has_cuda() -> bool:
 def resolve_dtype(dtype: str) -> str:
     # GPUs want bf16. CPUs stay in float32: without native bf16 it ran ~6x slower; with it (AVX512-BF16), vLLM
     # labeled 1.5-1.65x faster, the teacher as good on dev, but moved probabilities by up to 0.24
-    # (benchmarks/teacher_dtype.py): an opt-in, not a default.
+    # (benchmarks/teacher_settings.py --b teacher.dtype=bfloat16): an opt-in, not a default.
     if dtype != "auto":
         return dtype
     return "bfloat16" if has_cuda() else "float32"
@@ -101,6 +101,15 @@ def prefix_cache_counters(llm) -> tuple[float, float]:
     return values.get("vllm:prefix_cache_queries", float("nan")), values.get("vllm:prefix_cache_hits", float("nan"))
 
 
+CPU_BLOCK_SIZE = 32  # vLLM's CPU attention takes multiples of 32
+GPU_BLOCK_SIZE = 16  # vLLM's default on GPUs
+
+
+def kv_block_size(cfg: TeacherConfig) -> int:
+    """The KV-cache block (tokens) of this teacher's vLLM engine: the unit its prefix cache keeps."""
+    return cfg.vllm.block_size or (GPU_BLOCK_SIZE if has_cuda() else CPU_BLOCK_SIZE)
+
+
 def make_backend(model_dir: Path, cfg: TeacherConfig) -> TeacherBackend:
     if cfg.backend == "vllm":
         return VLLMBackend(model_dir, cfg)
@@ -123,9 +132,8 @@ def engine_arguments(model_dir: Path, cfg: TeacherConfig, on_gpu: bool) -> dict:
     if on_gpu:
         arguments["gpu_memory_utilization"] = options.gpu_memory_utilization
     # The CPU default block is 128 tokens: a shared few-shot prefix shorter than that is never cached.
-    block_size = options.block_size or (None if on_gpu else 32)
-    if block_size is not None:
-        arguments["block_size"] = block_size
+    if options.block_size or not on_gpu:
+        arguments["block_size"] = options.block_size or CPU_BLOCK_SIZE
     # On CPU, steps of 1,024 tokens labeled 1.10x and 1.15x faster than vLLM's 4,096 in two runs of
     # benchmarks/teacher_throughput.py (1.1-1.4x in one-off runs), likely because a step's vocabulary-head logits
     # stay in cache; GPUs keep vLLM's.

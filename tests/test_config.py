@@ -141,3 +141,8 @@ def test_actors_packed_on_a_node_share_its_cores_instead_of_each_taking_all_of_t
     assert threads_per_copy(None, copies=3, cpus_each=0.5, cores=2) == 1  # more copies than cores: one each
     assert threads_per_copy(None, copies=2, cpus_each=0, cores=8) == 4  # no CPUs asked: all copies may share
     assert threads_per_copy(3, copies=8, cpus_each=1, cores=16) == 3  # an explicit count wins
+
+
+def test_prefix_padding_is_refused_for_chat_prompts():
+    with pytest.raises(ValueError, match="align_prefix pads plain prompts only"):
+        make_config(task={"prompt_style": "chat"}, teacher={"align_prefix": True})

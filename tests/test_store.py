@@ -29,6 +29,8 @@ def test_fingerprints_follow_model_prompt_labels_and_calibration():
         "model": make_config(teacher={"model": "gemma-3-270m"}),
         "prompt": make_config(task={"instruction": "Is this review positive or negative?"}),
         "labels": make_config(task={"labels": [{"name": "good"}, {"name": "bad"}], "examples": []}),
+        "dtype": make_config(teacher={"dtype": "bfloat16"}),  # moves probabilities by up to 0.24
+        "prefix padding": make_config(teacher={"align_prefix": True}),  # another prompt
     }
     for what, cfg in changed.items():
         assert teacher_fingerprint(cfg) != teacher_fingerprint(base), what

@@ -56,6 +56,30 @@ def test_single_token_labels_agree(backends, smollm2_dir):
     assert len(set(vllm_probs.argmax(axis=1))) == 2  # not one label for everything on this sample
 
 
+def test_an_aligned_prompt_prefix_is_cached_whole_and_the_backends_still_agree(backends, smollm2_dir):
+    from llkd_ray.prompts import shared_prefix_length
+    from llkd_ray.teacher_backends import kv_block_size, prefix_cache_counters
+
+    # Texts no other test scores: the only blocks they can find cached are the shared prefix's.
+    texts = [f"Review {i} of a film about {topic}." for i, topic in enumerate(["ships", "cats", "rain", "war"] * 3)]
+    hits_per_text, shared = {}, {}
+    for align in (False, True):
+        cfg = make_config(teacher={"align_prefix": align})
+        teachers = {name: Teacher(cfg.task, cfg.teacher, smollm2_dir, backend=b) for name, b in backends.items()}
+        shared[align] = shared_prefix_length(cfg.task, teachers["vllm"].tokenizer, teachers["vllm"].padding)
+        teachers["vllm"].score([f"A warm-up text ({align})."])  # the shared prefix enters the cache
+        _, hits_before = prefix_cache_counters(backends["vllm"].llm)
+        vllm_probs = teachers["vllm"].score(texts)[0]
+        _, hits_after = prefix_cache_counters(backends["vllm"].llm)
+        hits_per_text[align] = (hits_after - hits_before) / len(texts)
+        np.testing.assert_allclose(vllm_probs, teachers["transformers"].score(texts)[0], atol=TOLERANCE)
+    block = kv_block_size(make_config().teacher)
+    assert shared[False] % block != 0  # this prompt's prefix does end inside a block: something to align
+    assert hits_per_text[False] == shared[False] - shared[False] % block  # its partial block is computed each time
+    assert shared[True] % block == 0 and shared[True] > shared[False]
+    assert hits_per_text[True] == shared[True]  # every shared token now comes from the cache
+
+
 def test_multi_token_labels_agree_and_are_scored_over_all_tokens(backends, smollm2_dir):
     results = score_with_both(backends, smollm2_dir, TOPIC_TASK, HEADLINES)
     np.testing.assert_allclose(results["vllm"][0], results["transformers"][0], atol=TOLERANCE)
