@@ -40,7 +40,8 @@ def relabel(name: str, overrides: list[str], work: Path, texts_file: Path, out: 
     from llkd_ray.teacher_backends import prefix_cache_counters
 
     texts = json.loads(texts_file.read_text())
-    cfg = bench.dataset_config(name, work, [*overrides, "teacher.backend=vllm"])
+    stats = "teacher.vllm.engine_kwargs={disable_log_stats: false}"  # vLLM counts prefix-cache hits with stats on
+    cfg = bench.dataset_config(name, work, [*overrides, "teacher.backend=vllm", stats])
     teacher = Teacher(cfg.task, cfg.teacher, resolve_model(cfg.teacher.model))
     batch = cfg.teacher.batch_size
     teacher.score(texts[:64])  # warm-up (the timed texts then find only the shared prompt prefix cached)

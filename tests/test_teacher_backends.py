@@ -31,7 +31,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def backends(smollm2_dir):
-    cfg = make_config().teacher
+    # With stats on, vLLM counts its prefix-cache hits.
+    cfg = make_config(teacher={"vllm": {"engine_kwargs": {"disable_log_stats": False}}}).teacher
     return {"vllm": VLLMBackend(smollm2_dir, cfg), "transformers": TransformersBackend(smollm2_dir, cfg)}
 
 
