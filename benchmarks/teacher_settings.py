@@ -69,6 +69,7 @@ def compare(name: str, labels, dev, names: list[str], settings: dict, work: Path
     for key, overrides in settings.items():
         out = scratch / f"{name}-{key}.npy"
         command = [sys.executable, __file__, "--relabel", name, "--work", str(work)]
+        # The subprocess takes its setting's overrides through --b (which needs one: "-" stands for none).
         command += ["--texts", str(texts_file), "--out", str(out), "--b", *(overrides or ["-"])]
         finished = subprocess.run(command, capture_output=True, text=True, check=False)
         found = [line for line in finished.stdout.splitlines() if line.startswith("RESULT ")]
