@@ -98,7 +98,7 @@ def prefix_padding(task: TaskConfig, tokenizer, block: int) -> PrefixPadding:
         raise ValueError("prefix padding is for plain prompts only")
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     if len(newline) != 1:
-        raise ValueError(f"this tokenizer spells a newline as {len(newline)} tokens: the prefix cannot be padded")
+        return PrefixPadding()  # nothing to pad with that keeps the prompt's text; check-config says so
     shared = shared_prefix_length(task, tokenizer)
     head = tokenizer(f"{task.instruction}\n{_label_line(task)}", add_special_tokens=True)["input_ids"]
     at = min(_common_length([head, encode_prompts(task, tokenizer, _PROBE_TEXTS[:1])[0]]), shared)

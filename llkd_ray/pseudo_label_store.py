@@ -45,6 +45,7 @@ from llkd_ray.config import Config
 from llkd_ray.errors import UserError
 from llkd_ray.label_scoring import calibrate, em_class_prior, label_prior, pick_labels
 from llkd_ray.model_sources import model_identity
+from llkd_ray.teacher_backends import prefix_alignment
 
 logger = logging.getLogger(__name__)
 WRITER_FILE = "writer.json"
@@ -82,11 +83,13 @@ def _digest(payload: dict) -> str:
 def teacher_fingerprint(cfg: Config) -> str:
     """Identifies what the teacher's raw scores depend on: the weights, the prompt and the labels. Not how they
     are computed: the backends agree within 2e-3, and teacher.continuation_tolerance bounds what variants not followed
-    move a probability by. A dtype other than ``auto`` and the prefix padding change the scores by more: each is
-    in the fingerprint when set (absent when not, so the stores of every earlier default config stay theirs)."""
+    move a probability by. A dtype other than ``auto`` and the prefix padding (another prompt) change the scores
+    by more: each is in the fingerprint when in effect, absent when not, so a store labeled with neither keeps
+    its fingerprint."""
     changed = {"dtype": cfg.teacher.dtype} if cfg.teacher.dtype != "auto" else {}
-    if cfg.teacher.align_prefix:
-        changed["align_prefix"] = True
+    alignment = prefix_alignment(cfg.task, cfg.teacher)
+    if alignment:
+        changed["align_prefix"] = alignment
     return _digest(
         {
             "model": model_identity(cfg.teacher.model),

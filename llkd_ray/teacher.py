@@ -37,13 +37,14 @@ class Teacher:
         """``backend`` lets several tasks share one loaded engine; by default one is built from ``cfg``."""
         from transformers import AutoTokenizer
 
-        from llkd_ray.teacher_backends import kv_block_size, make_backend
+        from llkd_ray.teacher_backends import make_backend, prefix_alignment
 
         self.task = task
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.verbalizer = build_verbalizer(task, self.tokenizer)
-        self.padding = prefix_padding(task, self.tokenizer, kv_block_size(cfg)) if cfg.align_prefix else PrefixPadding()
+        alignment = prefix_alignment(task, cfg)
+        self.padding = prefix_padding(task, self.tokenizer, alignment) if alignment else PrefixPadding()
         longest = len(self.encode(["x"])[0]) + cfg.max_text_tokens
         longest += max(len(ids) for _, ids in self.verbalizer.variants)
         if cfg.backend == "vllm" and longest > cfg.vllm.max_model_len:
@@ -160,18 +161,26 @@ def labeling_cost_note(cfg: Config) -> str:
 
 def _prefix_note(cfg: Config, tokenizer, block: int) -> str:
     """How much of the shared prompt prefix vLLM's prefix cache can keep (it keeps whole blocks only)."""
+    from llkd_ray.teacher_backends import prefix_alignment
+
     shared = shared_prefix_length(cfg.task, tokenizer)
-    if cfg.teacher.align_prefix:
-        padding = prefix_padding(cfg.task, tokenizer, block)
+    alignment = prefix_alignment(cfg.task, cfg.teacher)
+    padding = prefix_padding(cfg.task, tokenizer, alignment).tokens if alignment else ()
+    if padding:
         return (
-            f"The prompts share {shared} tokens, padded with {len(padding.tokens)} newline tokens to"
-            f" {shared + len(padding.tokens)}: whole {block}-token KV blocks, all cached"
+            f"The prompts share {shared} tokens, padded with {len(padding)} newline tokens to"
+            f" {shared + len(padding)}: whole {block}-token KV blocks, all cached"
         )
     if shared % block == 0:
         return f"The prompts share {shared} tokens: whole {block}-token KV blocks, all cached"
     return (
         f"The prompts share {shared} tokens; vLLM caches whole {block}-token KV blocks, so the last {shared % block}"
-        " are computed again for every text (teacher.align_prefix pads the prefix to whole blocks)"
+        " are computed again for every text"
+        + (
+            " (this tokenizer has no one-token newline to pad the prefix with)"
+            if alignment
+            else " (teacher.align_prefix pads the prefix to whole blocks)"
+        )
     )
 
 

@@ -12,13 +12,14 @@ The device is configuration: the same classes run on CPU here and on GPUs in a c
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from llkd_ray.config import TeacherConfig
+from llkd_ray.config import TaskConfig, TeacherConfig
 
 
 class TeacherBackend(Protocol):
@@ -108,6 +109,18 @@ GPU_BLOCK_SIZE = 16  # vLLM's default on GPUs
 def kv_block_size(cfg: TeacherConfig) -> int:
     """The KV-cache block (tokens) of this teacher's vLLM engine: the unit its prefix cache keeps."""
     return cfg.vllm.block_size or (GPU_BLOCK_SIZE if has_cuda() else CPU_BLOCK_SIZE)
+
+
+def prefix_alignment(task: TaskConfig, cfg: TeacherConfig) -> int | None:
+    """The multiple of tokens the prompts' shared prefix is padded to, or None where it is not padded.
+
+    A multiple of vLLM's CPU and GPU blocks (and of ``teacher.vllm.block_size`` when set), not of this machine's
+    block: the prompt of a text, and so its label, is then the same on every device, and the store's fingerprint
+    can say which prompt its labels came from without knowing where the actors ran.
+    """
+    if not cfg.align_prefix or task.prompt_style != "plain":
+        return None
+    return math.lcm(CPU_BLOCK_SIZE, GPU_BLOCK_SIZE, cfg.vllm.block_size or 1)
 
 
 def make_backend(model_dir: Path, cfg: TeacherConfig) -> TeacherBackend:

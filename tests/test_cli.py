@@ -81,10 +81,10 @@ def test_check_config_says_what_each_text_costs_the_teacher(capsys):
     assert "8 label variants, 0 of them several tokens long; each text costs 1 engine request" in note
     assert "Warning" not in note
     # The embedded default's prompt on SmolLM2's tokenizer: 170 shared tokens, 10 past five 32-token blocks.
-    assert "The prompts share 170 tokens; vLLM caches whole 32-token KV blocks, so the last 10 are computed" in note
-    assert main(["check-config", teacher, "teacher.align_prefix=true"]) == 0
-    note = capsys.readouterr().err
     assert "The prompts share 170 tokens, padded with 22 newline tokens to 192: whole 32-token KV blocks" in note
+    assert main(["check-config", teacher, "teacher.align_prefix=false"]) == 0
+    note = capsys.readouterr().err
+    assert "The prompts share 170 tokens; vLLM caches whole 32-token KV blocks, so the last 10 are computed" in note
     words = "task.labels=[{name: money-fx}, {name: acq}, {name: crude}, {name: earn}, {name: interest}]"
     assert main(["check-config", teacher, words, "task.examples=[]"]) == 0
     note = capsys.readouterr().err

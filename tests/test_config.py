@@ -143,6 +143,15 @@ def test_actors_packed_on_a_node_share_its_cores_instead_of_each_taking_all_of_t
     assert threads_per_copy(3, copies=8, cpus_each=1, cores=16) == 3  # an explicit count wins
 
 
-def test_prefix_padding_is_refused_for_chat_prompts():
+def test_prefix_padding_is_the_default_for_plain_prompts_and_refused_by_name_for_chat_prompts():
+    from llkd_ray.teacher_backends import prefix_alignment
+
+    plain, chat = make_config(), make_config(task={"prompt_style": "chat"})  # both load: the default suits both
+    assert prefix_alignment(plain.task, plain.teacher) == 32  # vLLM's CPU block, twice its GPU block
+    assert prefix_alignment(chat.task, chat.teacher) is None  # chat prompts are left as they are
+    unpadded = make_config(teacher={"align_prefix": False})
+    assert prefix_alignment(unpadded.task, unpadded.teacher) is None
+    wide = make_config(teacher={"vllm": {"block_size": 48}})
+    assert prefix_alignment(wide.task, wide.teacher) == 96  # a multiple of every block it may run with
     with pytest.raises(ValueError, match="align_prefix pads plain prompts only"):
         make_config(task={"prompt_style": "chat"}, teacher={"align_prefix": True})

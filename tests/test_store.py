@@ -30,15 +30,21 @@ def test_fingerprints_follow_model_prompt_labels_and_calibration():
         "prompt": make_config(task={"instruction": "Is this review positive or negative?"}),
         "labels": make_config(task={"labels": [{"name": "good"}, {"name": "bad"}], "examples": []}),
         "dtype": make_config(teacher={"dtype": "bfloat16"}),  # moves probabilities by up to 0.24
-        "prefix padding": make_config(teacher={"align_prefix": True}),  # another prompt
+        "no prefix padding": make_config(teacher={"align_prefix": False}),  # another prompt
+        "another padding": make_config(teacher={"vllm": {"block_size": 64}}),  # padded to 64 tokens, not 32
     }
     for what, cfg in changed.items():
         assert teacher_fingerprint(cfg) != teacher_fingerprint(base), what
     uncalibrated = make_config(teacher={"calibrate": False})
     assert teacher_fingerprint(uncalibrated) == teacher_fingerprint(base)  # same raw scores are reused
     assert label_fingerprint(uncalibrated) != label_fingerprint(base)
-    # Execution details do not change what the teacher computes.
+    # Execution details do not change what the teacher computes: nor does a block size the padding already fits.
     assert teacher_fingerprint(make_config(teacher={"batch_size": 3, "num_actors": 2})) == teacher_fingerprint(base)
+    assert teacher_fingerprint(make_config(teacher={"vllm": {"block_size": 16}})) == teacher_fingerprint(base)
+    chat = {"prompt_style": "chat"}  # never padded, so the setting does not matter to its labels
+    assert teacher_fingerprint(make_config(task=chat)) == teacher_fingerprint(
+        make_config(task=chat, teacher={"align_prefix": False})
+    )
 
 
 def test_new_weights_under_the_same_path_and_config_get_a_new_fingerprint(tmp_path):
