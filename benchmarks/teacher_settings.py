@@ -1,16 +1,16 @@
 """Two teacher settings side by side on every benchmark dataset: labeling speed through vLLM, the prompt tokens
 vLLM computed per text (its own prefix-cache counters), and the teacher's dev macro-F1.
 
-For settings that change the label probabilities beyond the backends' 2e-3 agreement tolerance, where what
-matters is whether the teacher stays as good: ``teacher.dtype=bfloat16`` (several times faster matrix products
-on a CPU with native bf16, AVX512-BF16 or AMX), ``teacher.align_prefix=true`` (the prompt prefix padded to whole
-KV-cache blocks). Each dataset's whole corpus is relabeled with each setting (the calibration prior is the
-corpus's), one vLLM engine per setting in a subprocess of its own; dev macro-F1 is on the gold-labelled dev rows
-``distill_quality.py`` splits off (its label store must hold the dataset: run that benchmark first). Test rows
-are not read.
+For settings that change the label probabilities beyond the backends' 2e-3 agreement tolerance, where what matters
+is whether the teacher stays as good: ``teacher.dtype=bfloat16`` (several times faster matrix products on a CPU
+with native bf16, AVX512-BF16 or AMX), ``teacher.align_prefix=false`` (the prompt prefix not padded to whole KV-
+cache blocks, as before padding was the default). Each dataset's whole corpus is relabeled with each setting (the
+calibration prior is the corpus's), one vLLM engine per setting in a subprocess of its own; dev macro-F1 is on the
+gold-labelled dev rows ``distill_quality.py`` splits off (its label store must hold the dataset: run that benchmark
+first). Test rows are not read.
 
     python benchmarks/teacher_settings.py --b teacher.dtype=bfloat16      # A: the defaults (fp32 on CPU)
-    python benchmarks/teacher_settings.py --b teacher.align_prefix=true --datasets rotten_tomatoes trec
+    python benchmarks/teacher_settings.py --a teacher.align_prefix=false --b teacher.align_prefix=true --datasets trec
 """
 
 from __future__ import annotations

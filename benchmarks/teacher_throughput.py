@@ -7,6 +7,8 @@ Paths (each in a subprocess of its own, so one engine's thread settings cannot l
 - ``vllm``: bare vLLM, the engine ``llkd label`` uses, called directly;
 - ``vllm-default-step``: the same with vLLM's own step size (4,096 prompt tokens an engine step, where the
   teacher's CPU default is 1,024: ``teacher.vllm.max_num_batched_tokens``);
+- ``vllm-unpadded``: the same without ``teacher.align_prefix`` (the shared prefix's last partial KV block is
+  computed again with every text);
 - ``ray-data``: ``llkd label`` itself, the corpus streamed through a teacher actor on a local Ray cluster.
 
 Every path scores the same texts in the same order (the naive loop the first ``--naive-texts`` of them) after an
@@ -50,7 +52,7 @@ def texts_for(count: int, offset: int = 0) -> list[str]:
 VLLM_DEFAULT_STEP = 4096  # vLLM's max_num_batched_tokens where none is given (its log says so at engine start)
 
 
-def overrides_for(args, backend: str, step: int | None = None) -> list[str]:
+def overrides_for(args, backend: str, step: int | None = None, padded: bool = True) -> list[str]:
     # vLLM counts prefix-cache hits only with its stats on.
     overrides = [
         f"teacher.model={args.model}",
@@ -58,15 +60,16 @@ def overrides_for(args, backend: str, step: int | None = None) -> list[str]:
         f"teacher.batch_size={args.batch_size}",
         "teacher.vllm.engine_kwargs={disable_log_stats: false}",
     ]
-    return overrides + ([f"teacher.vllm.max_num_batched_tokens={step}"] if step else [])
+    overrides += [f"teacher.vllm.max_num_batched_tokens={step}"] if step else []
+    return overrides + ([] if padded else ["teacher.align_prefix=false"])
 
 
-def teacher_for(args, backend: str, step: int | None = None):
+def teacher_for(args, backend: str, step: int | None = None, padded: bool = True):
     from llkd_ray.config import load_config
     from llkd_ray.model_sources import resolve_model
     from llkd_ray.teacher import Teacher
 
-    cfg = load_config(None, overrides_for(args, backend, step))
+    cfg = load_config(None, overrides_for(args, backend, step, padded))
     return Teacher(cfg.task, cfg.teacher, resolve_model(args.model)), cfg
 
 
@@ -77,9 +80,9 @@ def timed_batches(teacher, texts: list[str], batch_size: int) -> float:
     return time.perf_counter() - started
 
 
-def run_vllm(args, step: int | None = None) -> dict:
+def run_vllm(args, step: int | None = None, padded: bool = True) -> dict:
     started = time.perf_counter()
-    teacher, cfg = teacher_for(args, "vllm", step)
+    teacher, cfg = teacher_for(args, "vllm", step, padded)
     load_s = time.perf_counter() - started
     texts = texts_for(args.texts)
     teacher.score(texts_for(args.batch_size, offset=args.texts))  # warm-up
@@ -283,6 +286,7 @@ def worker(args) -> None:
     result = {
         "vllm": run_vllm,
         "vllm-default-step": lambda args: run_vllm(args, VLLM_DEFAULT_STEP),
+        "vllm-unpadded": lambda args: run_vllm(args, padded=False),
         "transformers": run_transformers,
         "naive": run_naive,
         "ray-data": run_ray_data,
@@ -307,7 +311,7 @@ def measure(kind: str, args) -> dict:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-PATHS = ["naive", "transformers", "vllm", "vllm-default-step", "ray-data", "ray-data-llm"]
+PATHS = ["naive", "transformers", "vllm", "vllm-default-step", "vllm-unpadded", "ray-data", "ray-data-llm"]
 
 
 def main() -> None:
@@ -334,7 +338,8 @@ def main() -> None:
         f"{'GFLOP/s':>9}{'% roofline':>12}"
     )
     rates = {}
-    for kind in [kind for kind in ("naive", "transformers", "vllm", "vllm-default-step") if kind in results]:
+    vllm_paths = ("naive", "transformers", "vllm", "vllm-default-step", "vllm-unpadded")
+    for kind in [kind for kind in vllm_paths if kind in results]:
         result = results[kind]
         rate = result["prompts"] / result["seconds"]
         tokens = result["prompt_tokens"] / result["prompts"]
@@ -368,6 +373,9 @@ def main() -> None:
             f"vLLM, steps of {cfg_step()} tokens / vLLM's default {VLLM_DEFAULT_STEP}:"
             f" {rates['vllm'] / rates['vllm-default-step']:.2f}x"
         )
+    if "vllm-unpadded" in rates:
+        gain = rates["vllm"] / rates["vllm-unpadded"]
+        print(f"vLLM, prompt prefix padded to whole KV blocks / unpadded: {gain:.2f}x")
     for kind in steady:
         print(f"{ray_paths[kind]} / bare vLLM, steady state: {steady[kind] / rates['vllm']:.2f}")
     if "ray-data-llm" in steady:
