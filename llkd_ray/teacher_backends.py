@@ -118,7 +118,7 @@ def prefix_alignment(task: TaskConfig, cfg: TeacherConfig) -> int | None:
     block: the prompt of a text, and so its label, is then the same on every device, and the store's fingerprint
     can say which prompt its labels came from without knowing where the actors ran.
     """
-    if not cfg.align_prefix or task.prompt_style != "plain":
+    if cfg.align_prefix is False or task.prompt_style != "plain":
         return None
     return math.lcm(CPU_BLOCK_SIZE, GPU_BLOCK_SIZE, cfg.vllm.block_size or 1)
 

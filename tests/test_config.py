@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import yaml
 
 from llkd_ray.cli import main
 from llkd_ray.config import ConfigError, config_from_dict, load_config
@@ -147,6 +148,8 @@ def test_prefix_padding_is_the_default_for_plain_prompts_and_refused_by_name_for
     from llkd_ray.teacher_backends import prefix_alignment
 
     plain, chat = make_config(), make_config(task={"prompt_style": "chat"})  # both load: the default suits both
+    # A resolved config written out (a run directory's config.yaml, check-config's output) loads as it was.
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(chat.model_dump()))) == chat
     assert prefix_alignment(plain.task, plain.teacher) == 32  # vLLM's CPU block, twice its GPU block
     assert prefix_alignment(chat.task, chat.teacher) is None  # chat prompts are left as they are
     unpadded = make_config(teacher={"align_prefix": False})
