@@ -101,7 +101,7 @@ class TaskConfig(_Section):
 class VLLMOptions(_Section):
     enable_prefix_caching: bool = True
     # vLLM's CPU default block is 128 tokens, so a ~60-token shared few-shot prefix is never cached; None: 32 on CPU.
-    block_size: int | None = None
+    block_size: int | None = Field(default=None, gt=0)
     # Prompt tokens vLLM computes per engine step (chunked prefill). None: 1024 on CPU, where it measured faster
     # than vLLM's 4096; vLLM's own default on GPUs.
     max_num_batched_tokens: int | None = Field(default=None, gt=0)

@@ -156,5 +156,7 @@ def test_prefix_padding_is_the_default_for_plain_prompts_and_refused_by_name_for
     assert prefix_alignment(unpadded.task, unpadded.teacher) is None
     wide = make_config(teacher={"vllm": {"block_size": 48}})
     assert prefix_alignment(wide.task, wide.teacher) == 96  # a multiple of every block it may run with
+    with pytest.raises(ValueError, match="block_size"):
+        make_config(teacher={"vllm": {"block_size": -16}})  # would align to 32 and hand vLLM a negative block
     with pytest.raises(ValueError, match="align_prefix pads plain prompts only"):
         make_config(task={"prompt_style": "chat"}, teacher={"align_prefix": True})
