@@ -7,7 +7,7 @@ with native bf16, AVX512-BF16 or AMX), ``teacher.align_prefix=false`` (the promp
 cache blocks, as before padding was the default). Each dataset's whole corpus is relabeled with each setting (the
 calibration prior is the corpus's), one vLLM engine per setting in a subprocess of its own; dev macro-F1 is on the
 gold-labelled dev rows ``distill_quality.py`` splits off (its label store must hold the dataset: run that benchmark
-first). Test rows are not read.
+first, or name a store that does with ``--store``). Test rows are not read.
 
     python benchmarks/teacher_settings.py --b teacher.dtype=bfloat16      # A: the defaults (fp32 on CPU)
     python benchmarks/teacher_settings.py --a teacher.align_prefix=false --b teacher.align_prefix=true --datasets trec
@@ -102,6 +102,13 @@ def main() -> None:
     parser.add_argument("--b", nargs="+", required=True, help="setting B: config overrides")
     parser.add_argument("--datasets", nargs="+", default=available, choices=available)
     parser.add_argument("--work", default="runs/bench_distill", help="where distill_quality.py keeps its stores")
+    parser.add_argument(
+        "--store",
+        nargs="*",
+        default=[],
+        help="overrides naming the store that holds the datasets' rows (e.g. teacher.align_prefix=false for stores"
+        " labeled before the padding was the default); the rows and the dev split are the same in every store",
+    )
     parser.add_argument("--log", default="runs/teacher_settings.log", help="Ray's output while the corpora are read")
     parser.add_argument("--relabel", help=argparse.SUPPRESS)
     parser.add_argument("--texts", help=argparse.SUPPRESS)
@@ -121,7 +128,7 @@ def main() -> None:
     for key, overrides in settings.items():
         print(f"setting {key}: {' '.join(overrides) or 'the defaults'}")
     with console(Path(args.log).resolve()):  # Ray Data's output (reading the corpora) goes to the log file
-        configs = {name: bench.dataset_config(name, work) for name in args.datasets}
+        configs = {name: bench.dataset_config(name, work, args.store) for name in args.datasets}
         stored = {name: bench.stored_splits(cfg) for name, cfg in configs.items()}
         ray.shutdown()  # reading the corpora started Ray; the engines get the cores to themselves
     results = []

@@ -4,6 +4,8 @@ Paths (each in a subprocess of its own, so one engine's thread settings cannot l
 - ``naive``: one prompt at a time through transformers, logits at the last position only (``logits_to_keep=1``):
   what a careful user writes first;
 - ``transformers``: the project's batched transformers backend (left padding, head at the last position);
+  these two score the unpadded prompt (``teacher.align_prefix=false``): padding the shared prefix to whole KV
+  blocks pays only with a prefix cache, and without one it is ~10% more tokens to compute;
 - ``vllm``: bare vLLM, the engine ``llkd label`` uses, called directly;
 - ``vllm-default-step``: the same with vLLM's own step size (4,096 prompt tokens an engine step, where the
   teacher's CPU default is 1,024: ``teacher.vllm.max_num_batched_tokens``);
@@ -108,7 +110,7 @@ def run_transformers(args) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    teacher, _ = teacher_for(args, "transformers")
+    teacher, _ = teacher_for(args, "transformers", padded=False)
     texts = texts_for(args.texts)
     teacher.score(texts_for(args.transformers_batch, offset=args.texts))  # warm-up
     seconds = timed_batches(teacher, texts, args.transformers_batch)
@@ -123,7 +125,7 @@ def run_naive(args) -> dict:
     from llkd_ray.model_sources import resolve_model
 
     torch.set_num_threads(os.cpu_count())
-    teacher, _ = teacher_for(args, "transformers")
+    teacher, _ = teacher_for(args, "transformers", padded=False)
     model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=torch.float32).eval()
     token_ids = teacher.verbalizer.single_token_ids
 
@@ -351,6 +353,7 @@ def main() -> None:
             f"{kind:<19}{result['prompts']:>8}{rate:>11.2f}{rate * tokens:>14.0f}{computed:>21.1f}"
             f"{rate * flops / 1e9:>9.1f}{100 * rate * flops / 1e9 / roofline:>11.1f}%"
         )
+    print("(naive, transformers and vllm-unpadded score the unpadded prompt; the other vLLM paths the padded one)")
     ray_paths = {"ray-data": "llkd label: Ray Data, a teacher actor, the store", "ray-data-llm": "ray.data.llm"}
     steady = {}
     for kind, what in [(kind, what) for kind, what in ray_paths.items() if kind in results]:

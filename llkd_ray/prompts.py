@@ -71,38 +71,63 @@ def _common_length(sequences: list[list[int]]) -> int:
 _PROBE_TEXTS = ["a", "Z", "0", "!", "\u00e9"]
 
 
-def shared_prefix_length(task: TaskConfig, tokenizer, padding: PrefixPadding | None = None) -> int:
+def shared_prefix_length(task: TaskConfig, tokenizer, padding: PromptPadding | None = None) -> int:
     """Tokens every prompt of the task starts with (with ``padding`` applied)."""
     prompts = encode_prompts(task, tokenizer, _PROBE_TEXTS)
-    return _common_length([(padding or PrefixPadding()).apply(ids) for ids in prompts])
+    return _common_length([(padding or PromptPadding()).apply(ids) for ids in prompts])
 
 
 @dataclass(frozen=True)
-class PrefixPadding:
-    """``tokens`` inserted into every prompt's ids at position ``at``."""
+class PromptPadding:
+    """Newline tokens that line a prompt up with vLLM's KV-cache blocks: ``tokens`` inserted at ``at`` (every
+    prompt alike), then, with ``end_block``, ``end_token`` repeated at ``end_at`` until all of the prompt but its
+    last token is a whole number of ``end_block``-token blocks (as many as the prompt needs)."""
 
     at: int = 0
     tokens: tuple[int, ...] = ()
+    end_at: int = 0
+    end_token: int = 0
+    end_block: int = 0
 
     def apply(self, ids: list[int]) -> list[int]:
-        return [*ids[: self.at], *self.tokens, *ids[self.at :]] if self.tokens else ids
+        if self.tokens:
+            ids = [*ids[: self.at], *self.tokens, *ids[self.at :]]
+        if self.end_block:
+            ids = [*ids[: self.end_at], *[self.end_token] * ((1 - len(ids)) % self.end_block), *ids[self.end_at :]]
+        return ids
 
 
-def prefix_padding(task: TaskConfig, tokenizer, block: int) -> PrefixPadding:
-    """Newline tokens after the label line that make the shared prefix a whole number of ``block``-token blocks.
+def prompt_padding(task: TaskConfig, tokenizer, block: int, align_end: bool = False) -> PromptPadding:
+    """Newline tokens after the label line that make the shared prefix a whole number of ``block``-token blocks;
+    with ``align_end``, more before each text's query that make the whole prompt one too.
 
     vLLM's prefix cache keeps whole KV blocks only, so the shared prefix's last partial block would otherwise be
     recomputed with every text. The newlines extend the blank line between the label line and the examples.
+    ``align_end`` is for labels of several tokens: each is scored by follow-up requests of prompt + its first
+    tokens (teacher_backends.VLLMBackend.label_logprobs), which find cached only the prompt's whole blocks that
+    its own request cached, and a request that samples one token leaves the block holding its last prompt token
+    uncached (vLLM 0.32, measured: a prompt of whole blocks left its follow-ups 32 tokens to recompute, one of
+    whole blocks plus a token 1). Padded so that all but the last token are whole blocks, a follow-up computes
+    that token and its own; unpadded, the prompt's last partial block too. The shared prefix is then aligned up
+    to the query (``Review: <text>...`` of the default task), and the query is preceded by the blank lines that
+    line its prompt up (0 to block - 1 of them, half a block on average).
     """
     if task.prompt_style != "plain":
-        raise ValueError("prefix padding is for plain prompts only")
+        raise ValueError("prompt padding is for plain prompts only")
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     if len(newline) != 1:
-        return PrefixPadding()  # nothing to pad with that keeps the prompt's text; check-config says so
-    shared = shared_prefix_length(task, tokenizer)
+        return PromptPadding()  # nothing to pad with that keeps the prompt's text; check-config says so
+    probe = encode_prompts(task, tokenizer, _PROBE_TEXTS[:1])[0]
     head = tokenizer(f"{task.instruction}\n{_label_line(task)}", add_special_tokens=True)["input_ids"]
-    at = min(_common_length([head, encode_prompts(task, tokenizer, _PROBE_TEXTS[:1])[0]]), shared)
-    return PrefixPadding(at, tuple(newline) * (-shared % block))
+    at = _common_length([head, probe])
+    if not align_end:
+        shared = shared_prefix_length(task, tokenizer)
+        return PromptPadding(min(at, shared), tuple(newline) * (-shared % block))
+    # The query starts where the prompt stops agreeing with the shared part alone (instruction, labels, examples).
+    query_start = _common_length([tokenizer(plain_prefix(task), add_special_tokens=True)["input_ids"], probe])
+    at = min(at, query_start)
+    pad = -query_start % block
+    return PromptPadding(at, tuple(newline) * pad, query_start + pad, newline[0], block)
 
 
 @dataclass(frozen=True)

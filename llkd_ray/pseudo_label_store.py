@@ -83,13 +83,15 @@ def _digest(payload: dict) -> str:
 def teacher_fingerprint(cfg: Config) -> str:
     """Identifies what the teacher's raw scores depend on: the weights, the prompt and the labels. Not how they
     are computed: the backends agree within 2e-3, and teacher.continuation_tolerance bounds what variants not followed
-    move a probability by. A dtype other than ``auto`` and the prefix padding (another prompt) change the scores
+    move a probability by. A dtype other than ``auto`` and the prompt's padding (another prompt) change the scores
     by more: each is in the fingerprint when in effect, absent when not, so a store labeled with neither keeps
     its fingerprint."""
     changed = {"dtype": cfg.teacher.dtype} if cfg.teacher.dtype != "auto" else {}
     alignment = prefix_alignment(cfg.task, cfg.teacher)
     if alignment:
         changed["align_prefix"] = alignment
+        if cfg.teacher.align_prompt_end:
+            changed["align_prompt_end"] = True
     return _digest(
         {
             "model": model_identity(cfg.teacher.model),

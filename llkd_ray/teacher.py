@@ -12,7 +12,7 @@ import pyarrow as pa
 from llkd_ray.config import Config, TaskConfig, TeacherConfig
 from llkd_ray.corpus import ROW_SCHEMA
 from llkd_ray.label_scoring import label_log_scores, normalize_scores
-from llkd_ray.prompts import PrefixPadding, build_verbalizer, encode_prompts, prefix_padding, shared_prefix_length
+from llkd_ray.prompts import PromptPadding, build_verbalizer, encode_prompts, prompt_padding, shared_prefix_length
 from llkd_ray.ray_session import threads_per_copy
 from llkd_ray.teacher_backends import TeacherBackend
 
@@ -44,8 +44,10 @@ class Teacher:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.verbalizer = build_verbalizer(task, self.tokenizer)
         alignment = prefix_alignment(task, cfg)
-        self.padding = prefix_padding(task, self.tokenizer, alignment) if alignment else PrefixPadding()
-        longest = len(self.encode(["x"])[0]) + cfg.max_text_tokens
+        self.padding = (
+            prompt_padding(task, self.tokenizer, alignment, cfg.align_prompt_end) if alignment else PromptPadding()
+        )
+        longest = len(self.encode(["x"])[0]) + cfg.max_text_tokens + self.padding.end_block
         longest += max(len(ids) for _, ids in self.verbalizer.variants)
         if cfg.backend == "vllm" and longest > cfg.vllm.max_model_len:
             raise ValueError(
@@ -132,7 +134,7 @@ def labeling_cost_note(cfg: Config) -> str:
     from transformers import AutoTokenizer
 
     from llkd_ray.model_sources import resolve_model
-    from llkd_ray.teacher_backends import kv_block_size
+    from llkd_ray.teacher_backends import kv_block_size, prefix_alignment
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.teacher.model))
     verbalizer = build_verbalizer(cfg.task, tokenizer)
@@ -156,6 +158,13 @@ def labeling_cost_note(cfg: Config) -> str:
         )
     if cfg.task.prompt_style == "plain":
         note += ". " + _prefix_note(cfg, tokenizer, kv_block_size(cfg.teacher))
+    if requests > 1 and prefix_alignment(cfg.task, cfg.teacher) and not cfg.teacher.align_prompt_end:
+        note += (
+            ". Each follow-up request recomputes the prompt's last partial KV block: teacher.align_prompt_end=true"
+            " lines every prompt up with the blocks so that they compute one token of it only, for half a block of"
+            " newlines a text; it pays where texts average more than one follow-up (README: multi-token labels;"
+            " another prompt: the store labels anew)"
+        )
     return note
 
 
@@ -165,11 +174,20 @@ def _prefix_note(cfg: Config, tokenizer, block: int) -> str:
 
     shared = shared_prefix_length(cfg.task, tokenizer)
     alignment = prefix_alignment(cfg.task, cfg.teacher)
-    padding = prefix_padding(cfg.task, tokenizer, alignment).tokens if alignment else ()
-    if padding:
+    align_end = cfg.teacher.align_prompt_end
+    padding = prompt_padding(cfg.task, tokenizer, alignment, align_end) if alignment else PromptPadding()
+    if padding.end_block:
         return (
-            f"The prompts share {shared} tokens, padded with {len(padding)} newline tokens to"
-            f" {shared + len(padding)}: whole {block}-token KV blocks, all cached"
+            f"The prompts share {shared} tokens; the {padding.end_at - len(padding.tokens)} before the text's line,"
+            f" padded with {len(padding.tokens)} newline tokens to {padding.end_at}, are whole {block}-token KV"
+            f" blocks, all cached; each prompt then gets the 0 to {padding.end_block - 1} newlines before that line"
+            " that make all of it but its last token whole blocks too (teacher.align_prompt_end), so a multi-token"
+            " label's follow-up requests compute that token and their own only"
+        )
+    if padding.tokens:
+        return (
+            f"The prompts share {shared} tokens, padded with {len(padding.tokens)} newline tokens to"
+            f" {shared + len(padding.tokens)}: whole {block}-token KV blocks, all cached"
         )
     if shared % block == 0:
         return f"The prompts share {shared} tokens: whole {block}-token KV blocks, all cached"

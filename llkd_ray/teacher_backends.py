@@ -108,19 +108,19 @@ GPU_BLOCK_SIZE = 16  # vLLM's default on GPUs
 
 def kv_block_size(cfg: TeacherConfig) -> int:
     """The KV-cache block (tokens) of this teacher's vLLM engine: the unit its prefix cache keeps."""
-    return cfg.vllm.block_size or (GPU_BLOCK_SIZE if has_cuda() else CPU_BLOCK_SIZE)
+    return cfg.vllm.requested_block_size or (GPU_BLOCK_SIZE if has_cuda() else CPU_BLOCK_SIZE)
 
 
 def prefix_alignment(task: TaskConfig, cfg: TeacherConfig) -> int | None:
     """The multiple of tokens the prompts' shared prefix is padded to, or None where it is not padded.
 
-    A multiple of vLLM's CPU and GPU blocks (and of ``teacher.vllm.block_size`` when set), not of this machine's
+    A multiple of vLLM's CPU and GPU blocks (and of the block the config asks for, if any), not of this machine's
     block: the prompt of a text, and so its label, is then the same on every device, and the store's fingerprint
     can say which prompt its labels came from without knowing where the actors ran.
     """
     if cfg.align_prefix is False or task.prompt_style != "plain":
         return None
-    return math.lcm(CPU_BLOCK_SIZE, GPU_BLOCK_SIZE, cfg.vllm.block_size or 1)
+    return math.lcm(CPU_BLOCK_SIZE, GPU_BLOCK_SIZE, cfg.vllm.requested_block_size or 1)
 
 
 def make_backend(model_dir: Path, cfg: TeacherConfig) -> TeacherBackend:
@@ -195,7 +195,8 @@ class VLLMBackend:
         log p(c | prompt) = sum_t log p(c_t | prompt + c_<t): each term is a ``logprob_token_ids`` request on
         ``prompt + c_<t``, and continuations sharing ``c_<t`` share the request. Unlike ``prompt_logprobs``, such a
         request keeps vLLM's prefix cache (V1 skips it for prompt_logprobs) and computes one row of the
-        vocabulary head, so a continuation costs its own tokens plus the prompt's last partial block. Requests go
+        vocabulary head, so a continuation costs its own tokens plus the prompt's last partial block (one token of
+        it with ``teacher.align_prompt_end``, which lines every prompt up with the blocks). Requests go
         in rounds by depth, so the prompt a round extends is already cached, and in chunks of prompts whose KV
         blocks fit the cache, so it is still there. Prefixes too unlikely to matter are not followed, within
         ``teacher.continuation_tolerance`` in all (``prefixes_worth_following``): their variants score -inf.

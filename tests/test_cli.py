@@ -90,6 +90,11 @@ def test_check_config_says_what_each_text_costs_the_teacher(capsys):
     note = capsys.readouterr().err
     assert "13 of them several tokens long; each text costs up to 18 engine requests" in note
     assert "Warning: up to 18 requests per text" in note
+    assert "teacher.align_prompt_end=true lines every prompt up with the blocks" in note  # what makes them cheap
+    assert main(["check-config", teacher, words, "task.examples=[]", "teacher.align_prompt_end=true"]) == 0
+    note = capsys.readouterr().err
+    assert "each prompt then gets the 0 to 31 newlines before that line that make all of it but its last token" in note
+    assert "teacher.align_prompt_end=true lines" not in note
     assert "labeling budget" not in note  # no budget: the whole corpus is labeled, as before
     assert main(["check-config", teacher, "labeling.budget=0.3", "labeling.stop_margin=null"]) == 0
     note = capsys.readouterr().err

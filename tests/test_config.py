@@ -156,7 +156,19 @@ def test_prefix_padding_is_the_default_for_plain_prompts_and_refused_by_name_for
     assert prefix_alignment(unpadded.task, unpadded.teacher) is None
     wide = make_config(teacher={"vllm": {"block_size": 48}})
     assert prefix_alignment(wide.task, wide.teacher) == 96  # a multiple of every block it may run with
+    raw = make_config(teacher={"vllm": {"block_size": 48, "engine_kwargs": {"block_size": 64}}})
+    assert prefix_alignment(raw.task, raw.teacher) == 64  # engine_kwargs reach vLLM over the typed option
+    for bad in (0, -32, "64", True):
+        with pytest.raises(ValueError, match="engine_kwargs.block_size must be a positive integer"):
+            make_config(teacher={"vllm": {"engine_kwargs": {"block_size": bad}}})
     with pytest.raises(ValueError, match="block_size"):
         make_config(teacher={"vllm": {"block_size": -16}})  # would align to 32 and hand vLLM a negative block
     with pytest.raises(ValueError, match="align_prefix pads plain prompts only"):
         make_config(task={"prompt_style": "chat"}, teacher={"align_prefix": True})
+    for refused in (
+        {"task": {"prompt_style": "chat"}, "teacher": {"align_prompt_end": True}},
+        {"teacher": {"align_prompt_end": True, "align_prefix": False}},
+    ):
+        with pytest.raises(ValueError, match="align_prompt_end pads plain prompts whose prefix is aligned"):
+            make_config(**refused)
+    assert make_config(teacher={"align_prompt_end": True}).teacher.align_prompt_end  # plain, prefix aligned

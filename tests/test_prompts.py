@@ -83,3 +83,29 @@ def test_chat_style_uses_the_chat_template(smollm2_tokenizer):
     assert prompt.endswith("Text: Great fun.\nLabel:<|im_end|>\n<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="chat template"):
         render_prompt(task, "x", None)
+
+
+def test_an_aligned_prompt_end_adds_only_newlines_and_makes_every_prompt_whole_blocks(smollm2_tokenizer):
+    from collections import Counter
+
+    from llkd_ray.prompts import encode_prompts, prompt_padding
+
+    block = 32
+    newline = smollm2_tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+    texts = ["Fine.", "A long, winding and in the end rewarding film. " * 4, "x", "Bad!", "é"]
+    plain = encode_prompts(TASK, smollm2_tokenizer, texts)
+    padding = prompt_padding(TASK, smollm2_tokenizer, block, align_end=True)
+    padded = [padding.apply(ids) for ids in plain]
+    # All but the last token whole blocks: vLLM leaves the block of a request's last prompt token uncached.
+    assert padding.end_at % block == 0 and all(len(ids) % block == 1 for ids in padded)
+    assert len({tuple(ids[: padding.end_at]) for ids in padded}) == 1  # one shared part, whole blocks: cached
+    for before, after in zip(plain, padded):
+        added = len(after) - len(before)
+        assert Counter(after) - Counter(before) == Counter({newline: added})  # newlines only, nothing lost
+        assert 0 <= added - len(padding.tokens) < block
+        # The text's own line comes right after the newlines, as it was.
+        tail = before[padding.end_at - len(padding.tokens) :]
+        assert after[-len(tail) :] == tail and set(after[padding.end_at : len(after) - len(tail)]) <= {newline}
+    # Without align_end the shared prefix alone is whole blocks, and prompts keep their own lengths.
+    prefix_only = prompt_padding(TASK, smollm2_tokenizer, block)
+    assert prefix_only.end_block == 0 and len({len(prefix_only.apply(ids)) % block for ids in plain}) > 1

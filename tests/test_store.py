@@ -32,6 +32,8 @@ def test_fingerprints_follow_model_prompt_labels_and_calibration():
         "dtype": make_config(teacher={"dtype": "bfloat16"}),  # moves probabilities by up to 0.24
         "no prefix padding": make_config(teacher={"align_prefix": False}),  # another prompt
         "another padding": make_config(teacher={"vllm": {"block_size": 64}}),  # padded to 64 tokens, not 32
+        "the block asked for by engine_kwargs": make_config(teacher={"vllm": {"engine_kwargs": {"block_size": 64}}}),
+        "prompt end padded": make_config(teacher={"align_prompt_end": True}),  # newlines before each text
     }
     for what, cfg in changed.items():
         assert teacher_fingerprint(cfg) != teacher_fingerprint(base), what

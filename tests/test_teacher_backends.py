@@ -4,11 +4,13 @@ Stated tolerance: 2e-3 absolute on every label probability (both run float32; me
 """
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from llkd_ray.corpus import load_rotten_tomatoes
+from llkd_ray.prompts import encode_prompts, shared_prefix_length
 from llkd_ray.teacher import Teacher
 from llkd_ray.teacher_backends import TransformersBackend, VLLMBackend
 from tests.conftest import SENTIMENT_TASK, make_config
@@ -58,7 +60,6 @@ def test_single_token_labels_agree(backends, smollm2_dir):
 
 
 def test_an_aligned_prompt_prefix_is_cached_whole_and_the_backends_still_agree(backends, smollm2_dir):
-    from llkd_ray.prompts import shared_prefix_length
     from llkd_ray.teacher_backends import kv_block_size, prefix_cache_counters
 
     # Texts no other test scores: the only blocks they can find cached are the shared prefix's.
@@ -79,6 +80,53 @@ def test_an_aligned_prompt_prefix_is_cached_whole_and_the_backends_still_agree(b
     assert hits_per_text[False] == shared[False] - shared[False] % block  # its partial block is computed each time
     assert shared[True] % block == 0 and shared[True] > shared[False]
     assert hits_per_text[True] == shared[True]  # every shared token now comes from the cache
+
+
+def test_an_aligned_prompt_end_leaves_follow_up_requests_only_their_own_tokens_to_compute(backends, smollm2_dir):
+    from llkd_ray.prompts import scoring_prefixes
+    from llkd_ray.teacher_backends import kv_block_size, prefix_cache_counters
+
+    block = kv_block_size(make_config().teacher)
+    engine = backends["vllm"]
+    computed, expected = {}, {}
+    tolerance, engine.tolerance = engine.tolerance, 0.0  # every variant followed: the requests are known
+    try:
+        for align_end in (False, True):
+            cfg = make_config(task=TOPIC_TASK, teacher={"align_prompt_end": align_end})
+            teachers = {name: Teacher(cfg.task, cfg.teacher, smollm2_dir, backend=b) for name, b in backends.items()}
+            vllm = teachers["vllm"]
+            verbalizer = vllm.verbalizer
+            follow_ups = [
+                p for p in scoring_prefixes(verbalizer.single_token_ids, verbalizer.multi_token_continuations) if p
+            ]
+            assert follow_ups  # a task whose labels need them
+            vllm.score([f"A warm-up headline ({align_end})"])  # the shared part enters the cache
+            # Texts no request has seen, whose first block past the shared part holds some of their own tokens (a
+            # block of nearly all newlines could be found cached from another text with as many).
+            candidates = [f"{i} {headline} ({align_end})" for i, headline in enumerate(HEADLINES * 4)]
+            prefix_only = replace(vllm.padding, end_block=0)
+            unpadded = dict(zip(candidates, encode_prompts(cfg.task, vllm.tokenizer, candidates)))
+            newlines = {t: len(vllm.encode([t])[0]) - len(prefix_only.apply(unpadded[t])) for t in candidates}
+            texts = [t for t in candidates if newlines[t] < block - 8][:4]
+            queried, hits = prefix_cache_counters(engine.llm)
+            probs = vllm.score(texts)[0]
+            queried_after, hits_after = prefix_cache_counters(engine.llm)
+            computed[align_end] = (queried_after - queried) - (hits_after - hits)
+            np.testing.assert_allclose(probs, teachers["transformers"].score(texts)[0], atol=TOLERANCE)
+            prompts = vllm.encode(texts)
+            shared = vllm.padding.end_at if align_end else shared_prefix_length(cfg.task, vllm.tokenizer, vllm.padding)
+            assert shared % block == 0  # the shared part is whole blocks either way
+            assert not align_end or all(len(prompt) % block == 1 for prompt in prompts)
+            # The prompt computes what follows the shared part; a follow-up its own tokens and the prompt's last
+            # block again (vLLM leaves the block of a request's last prompt token uncached): lined up, one token.
+            expected[align_end] = sum(
+                len(prompt) - shared + sum(len(p) + (len(prompt) - 1) % block + 1 for p in follow_ups)
+                for prompt in prompts
+            )
+    finally:
+        engine.tolerance = tolerance
+    assert computed == expected
+    assert computed[True] < computed[False]
 
 
 def test_multi_token_labels_agree_and_are_scored_over_all_tokens(backends, smollm2_dir):
