@@ -99,7 +99,7 @@ class PromptPadding:
 
 def prompt_padding(task: TaskConfig, tokenizer, block: int, align_end: bool = False) -> PromptPadding:
     """Newline tokens after the label line that make the shared prefix a whole number of ``block``-token blocks;
-    with ``align_end``, more before each text's query that make the whole prompt one too.
+    with ``align_end``, more before each text's query that make all of the prompt but its last token one too.
 
     vLLM's prefix cache keeps whole KV blocks only, so the shared prefix's last partial block would otherwise be
     recomputed with every text. The newlines extend the blank line between the label line and the examples.
