@@ -119,11 +119,18 @@ class VLLMOptions(_Section):
         return self.engine_kwargs.get("block_size", self.block_size)
 
     @model_validator(mode="after")
-    def _engine_block_is_a_positive_integer(self) -> VLLMOptions:
+    def _block_size_is_usable(self) -> VLLMOptions:
         # The prompt's padding is aligned to this block too: a bad one would pad wrongly before vLLM refused it.
         block = self.engine_kwargs.get("block_size")
         if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block <= 0):
             raise ValueError(f"teacher.vllm.engine_kwargs.block_size must be a positive integer, not {block!r}")
+        # A block longer than any prompt caches nothing, and the padding would insert up to a block of newlines.
+        requested = self.requested_block_size or 0
+        if requested > self.max_model_len:
+            raise ValueError(
+                f"teacher.vllm block size {requested} is longer than max_model_len={self.max_model_len}: no prompt"
+                " would fill a block"
+            )
         return self
 
 

@@ -161,6 +161,9 @@ def test_prefix_padding_is_the_default_for_plain_prompts_and_refused_by_name_for
     for bad in (0, -32, "64", True):
         with pytest.raises(ValueError, match="engine_kwargs.block_size must be a positive integer"):
             make_config(teacher={"vllm": {"engine_kwargs": {"block_size": bad}}})
+    for huge in ({"block_size": 10**12}, {"engine_kwargs": {"block_size": 2048}}):  # padding a prompt to 10^12
+        with pytest.raises(ValueError, match="longer than max_model_len=1024"):
+            make_config(teacher={"vllm": huge})
     with pytest.raises(ValueError, match="block_size"):
         make_config(teacher={"vllm": {"block_size": -16}})  # would align to 32 and hand vLLM a negative block
     with pytest.raises(ValueError, match="align_prefix pads plain prompts only"):
