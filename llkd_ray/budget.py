@@ -366,9 +366,8 @@ def _round_student(record: dict, run_dir: Path):
 
 
 def _train_round(cfg: Config, ledger, index: CorpusIndex, round_index: int, run_dir: Path, evaluation_rows) -> dict:
-    from llkd_ray.evaluation import load_exported_student
     from llkd_ray.pseudo_label_store import read_labels
-    from llkd_ray.student import predict_probs
+    from llkd_ray.student import load_exported_student, predict_probs
     from llkd_ray.training import train_student
 
     pool, holdout = _round_pool(cfg, ledger, index, round_index, evaluation_rows)

@@ -255,6 +255,11 @@ class StudentConfig(_Section):
 
     model: str = "minilm-l6"  # built-in name, local HF directory or hub id of an encoder
     max_length: int = Field(default=128, gt=0)
+    # What the classification head reads: "model", the architecture's own head (BERT's: the [CLS] state through
+    # its pooler); "mean", the mean of the last hidden states over the text's tokens, the pooling that
+    # sentence-embedding checkpoints (all-MiniLM-L6-v2) were trained with (llkd_ray/pooled_classifier.py);
+    # "auto", the pooling a sentence-transformers checkpoint says it was trained with, else "model".
+    pooling: Literal["auto", "model", "mean"] = "model"
 
 
 class SelectionConfig(_Section):

@@ -8,15 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from llkd_ray.metrics import auroc, classification_report
-
-
-def load_exported_student(student_dir: Path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    return (
-        AutoModelForSequenceClassification.from_pretrained(student_dir).eval(),
-        AutoTokenizer.from_pretrained(student_dir),
-    )
+from llkd_ray.student import load_exported_student
 
 
 def teacher_confidence_quality(labels: pa.Table, label_names: list[str], calibrated: bool) -> dict:

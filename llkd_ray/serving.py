@@ -152,15 +152,15 @@ app = FastAPI(
 class StudentClassifier:
     def __init__(self, student_dir: str, options: dict):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from llkd_ray.student import load_exported_student
 
         self.options = ServeConfig.model_validate(options)
         options = self.options
         torch.set_num_threads(threads_per_copy(options.torch_threads, options.max_replicas, options.num_cpus))
         # A student on a URI is fetched by each replica, on whichever node it lands.
         local_dir = storage.fetch_directory(student_dir) if storage.is_uri(student_dir) else Path(student_dir)
-        self.network = AutoModelForSequenceClassification.from_pretrained(local_dir).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(local_dir)
+        self.network, self.tokenizer = load_exported_student(local_dir)
         if torch.cuda.is_available():
             self.network.to("cuda")
         metadata_path = local_dir / STUDENT_METADATA

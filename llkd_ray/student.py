@@ -1,4 +1,5 @@
-"""The student: any encoder ``AutoModelForSequenceClassification`` loads, with the task's label map.
+"""The student: any encoder ``AutoModelForSequenceClassification`` loads, with the task's label map, under its
+own head or a mean-pooled one (``student.pooling``).
 
 This module knows nothing of Ray; training wires it up in ``training.py``.
 """
@@ -10,27 +11,51 @@ from pathlib import Path
 
 import numpy as np
 
+from llkd_ray.config import StudentConfig
+
 STUDENT_METADATA = "llkd_student.json"
 
 
-def load_student(model: str, label_names: list[str], seed: int = 0):
+def load_student(model: str, label_names: list[str], seed: int = 0, pooling: str | None = None):
     """(model, tokenizer) with a fresh classification head sized for ``label_names``; seeded so every worker
-    (and a rerun) starts from the same weights."""
+    (and a rerun) starts from the same weights. ``pooling`` is ``student.pooling``: ``"mean"`` puts a
+    mean-pooled head on the encoder (``pooled_classifier.py``), ``"auto"`` does so where the checkpoint is a
+    sentence-transformers model that pools by the mean; a directory that already holds a mean-pooled student
+    (a budget round's, an exported one) loads as one whatever ``pooling`` says. None: the schema's default."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+    from llkd_ray import pooled_classifier
     from llkd_ray.model_sources import resolve_model
 
     path = resolve_model(model)
+    pooling = pooling or StudentConfig.model_fields["pooling"].default
     torch.manual_seed(seed)
-    network = AutoModelForSequenceClassification.from_pretrained(
-        path,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-        ignore_mismatched_sizes=True,  # a checkpoint trained on another label set gets a new head
-    )
+    labels = {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: i for i, name in enumerate(label_names)},
+    }
+    if pooling == "auto":
+        pooling = pooled_classifier.checkpoint_pooling(path)
+    if pooling == "mean" and AutoConfig.from_pretrained(path).model_type != pooled_classifier.MODEL_TYPE:
+        network = pooled_classifier.mean_pooled_from_encoder(path, **labels)
+    else:
+        # ignore_mismatched_sizes: a checkpoint trained on another label set gets a new head
+        network = AutoModelForSequenceClassification.from_pretrained(path, **labels, ignore_mismatched_sizes=True)
     return network, AutoTokenizer.from_pretrained(path)
+
+
+def load_exported_student(student_dir: Path):
+    """(model in eval mode, tokenizer) of an exported student, whichever head it was trained with."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from llkd_ray import pooled_classifier  # noqa: F401  (registers the mean-pooled head with the Auto classes)
+
+    return (
+        AutoModelForSequenceClassification.from_pretrained(student_dir).eval(),
+        AutoTokenizer.from_pretrained(student_dir),
+    )
 
 
 def export_student(network, tokenizer, directory: Path, metadata: dict, max_length: int, state_dict=None) -> Path:

@@ -36,7 +36,9 @@ class StudentScorer:
 
         torch.set_num_threads(threads)
         # An exported student directory, or (round 0) the base encoder with a fresh head: only its embeddings count.
-        self.network, self.tokenizer = load_student(model, config.task.label_names, seed=config.labeling.seed)
+        self.network, self.tokenizer = load_student(
+            model, config.task.label_names, seed=config.labeling.seed, pooling=config.student.pooling
+        )
         self.device = "cuda" if config.labeling.scorer.num_gpus > 0 else "cpu"
         self.network.to(self.device).eval()
         self.max_length = config.student.max_length

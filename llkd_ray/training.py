@@ -597,7 +597,7 @@ def train_loop(loop_config: dict) -> None:
 
     pool = _shard_pool(ray.train.get_dataset_shard("pool"))
     holdout = _columns(ray.train.get_dataset_shard("holdout"), ["holdout_index", "text", "gold_index"], "holdout_index")
-    network, tokenizer = load_student(cfg.student.model, names, seed=cfg.training.seed)
+    network, tokenizer = load_student(cfg.student.model, names, seed=cfg.training.seed, pooling=cfg.student.pooling)
     engine = make_engine(network, cfg.training, device)
     decay = cfg.training.ema_decay
     average = WeightAverage(engine.module, decay) if decay is not None else None

@@ -83,9 +83,8 @@ def committed_keys(store: PseudoLabelStore, sub: str) -> list[str]:
 
 def test_a_budget_run_killed_mid_round_resumes_with_exact_teacher_call_accounting(ray_cluster, tmp_path):
     from llkd_ray.budget import AcquisitionLedger, index_corpus
-    from llkd_ray.evaluation import load_exported_student
     from llkd_ray.pipeline import run_pipeline
-    from llkd_ray.student import predict_probs
+    from llkd_ray.student import load_exported_student, predict_probs
 
     # 120 rows and an empty one (rejected by the reader: recorded in the store, never sent to the teacher)
     corpus = write_corpus(tmp_path, seed=11, rows=120, extra=[{"text": ""}])

@@ -71,8 +71,7 @@ def server(ray_cluster, exported_student):
 
 
 def offline_probs(student_dir, texts):
-    from llkd_ray.evaluation import load_exported_student
-    from llkd_ray.student import predict_probs
+    from llkd_ray.student import load_exported_student, predict_probs
 
     network, tokenizer = load_exported_student(student_dir)
     return predict_probs(network, tokenizer, texts, max_length=64)
