@@ -14,7 +14,8 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-network = AutoModelForSequenceClassification.from_pretrained(os.environ["STUDENT_DIR"]).eval()
+# trust_remote_code: a mean-pooled student (student.pooling) carries its head's code next to its weights.
+network = AutoModelForSequenceClassification.from_pretrained(os.environ["STUDENT_DIR"], trust_remote_code=True).eval()
 tokenizer = AutoTokenizer.from_pretrained(os.environ["STUDENT_DIR"])
 labels = [network.config.id2label[i] for i in range(network.config.num_labels)]
 max_length = int(os.environ.get("MAX_LENGTH", "64"))

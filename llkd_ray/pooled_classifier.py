@@ -111,3 +111,7 @@ def checkpoint_pooling(path: Path) -> str:
 
 AutoConfig.register(MODEL_TYPE, MeanPooledConfig, exist_ok=True)
 AutoModelForSequenceClassification.register(MeanPooledConfig, MeanPooledClassifier, exist_ok=True)
+# save_pretrained copies this file next to the weights and names it in config.json's auto_map, so an exported
+# student also loads where llkd_ray is not installed: from_pretrained(directory, trust_remote_code=True).
+MeanPooledConfig.register_for_auto_class()
+MeanPooledClassifier.register_for_auto_class("AutoModelForSequenceClassification")

@@ -17,6 +17,8 @@ def test_predictions_come_back_in_order_whatever_the_batching():
 
 def test_the_mean_pooled_head_reads_the_mean_of_the_text_tokens_and_round_trips_through_export(tmp_path):
     import json
+    import subprocess
+    import sys
 
     import torch
     from transformers import AutoModel
@@ -51,6 +53,21 @@ def test_the_mean_pooled_head_reads_the_mean_of_the_text_tokens_and_round_trips_
         predict_probs(loaded, loaded_tokenizer, texts, 64), predict_probs(network, tokenizer, texts, 64), atol=1e-6
     )
     assert loaded.config.id2label == dict(enumerate(names))
+    # Where llkd_ray is not installed, transformers loads it from the code saved next to the weights.
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
+        f"d = {str(directory)!r}\n"
+        "m = AutoModelForSequenceClassification.from_pretrained(d, trust_remote_code=True).eval()\n"
+        "t = AutoTokenizer.from_pretrained(d)\n"
+        f"b = t({texts!r}, padding=True, return_tensors='pt')\n"
+        "assert 'llkd_ray' not in sys.modules\n"
+        "print(torch.softmax(m(**b).logits, -1).tolist())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    elsewhere = np.asarray(json.loads(done.stdout.strip().splitlines()[-1]))
+    np.testing.assert_allclose(elsewhere, predict_probs(network, tokenizer, texts, 64), atol=1e-6)
     # A budget round scores with the last round's export: it loads under its own head, whatever pooling says.
     again, _ = load_student(str(directory), names, seed=9, pooling="model")
     assert type(again) is type(loaded)

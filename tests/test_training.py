@@ -56,10 +56,9 @@ def config(tmp_path: Path, name: str, **training):
 
 
 def load_and_predict(student_dir: Path, texts: list[str]):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from llkd_ray.student import load_exported_student
 
-    model = AutoModelForSequenceClassification.from_pretrained(student_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    model, tokenizer = load_exported_student(student_dir)
     assert model.config.id2label == {0: "positive", 1: "negative"}
     import torch
 
@@ -124,14 +123,15 @@ def test_deepspeed_trains_exports_the_trained_weights_and_resumes(ray_cluster, t
 
 def test_ddp_student_export_matches_its_checkpoint_and_resumes_when_rerun(ray_cluster, tmp_path, pool_and_holdout):
     import torch
-    from transformers import AutoModelForSequenceClassification
+
+    from llkd_ray.student import load_exported_student
 
     pool, holdout = pool_and_holdout
     cfg = config(tmp_path, "ddp", strategy="ddp", num_workers=1)
     first = train_student(cfg, pool, holdout, tmp_path / "run")
     # The exported student holds exactly the weights of the final checkpoint (not a copy of something else).
     checkpointed = torch.load(Path(first.checkpoint_path) / "ddp_state.pt", weights_only=True)["model"]
-    exported = AutoModelForSequenceClassification.from_pretrained(first.student_dir).state_dict()
+    exported = load_exported_student(first.student_dir)[0].state_dict()
     assert set(exported) == {key.removeprefix("module.") for key in checkpointed}
     for key, tensor in checkpointed.items():
         torch.testing.assert_close(exported[key.removeprefix("module.")], tensor, rtol=0, atol=0)
@@ -166,9 +166,9 @@ def test_a_mean_pooled_student_trains_on_two_ddp_workers_and_exports_what_it_tra
 
 def test_a_killed_worker_resumes_from_its_checkpoint_with_its_weight_average(ray_cluster, tmp_path, pool_and_holdout):
     import torch
-    from transformers import AutoModelForSequenceClassification
 
     from llkd_ray.evaluation import evaluate
+    from llkd_ray.student import load_exported_student
     from llkd_ray.weight_average import EMA_FILE
 
     pool, holdout = pool_and_holdout
@@ -184,7 +184,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_with_its_weight_average(ray
     saved = torch.load(Path(result.checkpoint_path) / EMA_FILE, weights_only=True)
     assert saved["steps"] == 3 * 4
     # What is exported and evaluated is the average, not the live weights it trails.
-    exported = AutoModelForSequenceClassification.from_pretrained(result.student_dir).state_dict()
+    exported = load_exported_student(result.student_dir)[0].state_dict()
     live = torch.load(Path(result.checkpoint_path) / "ddp_state.pt", weights_only=True)["model"]
     live = {name.removeprefix("module."): value for name, value in live.items()}
     key = "classifier.weight"
