@@ -100,3 +100,16 @@ def test_auto_pooling_follows_what_a_sentence_transformers_checkpoint_says(tmp_p
     for planted in ("not json", "[1, 2]", '[{"type": "x.Pooling"}]', '[{"type": "x.Pooling", "path": "../.."}]', "{}"):
         (copy / "modules.json").write_text(planted)
         assert checkpoint_pooling(copy) == "model", planted
+
+
+def test_loading_a_student_never_runs_the_code_its_directory_carries(tmp_path):
+    from llkd_ray.student import export_student, load_exported_student
+
+    network, tokenizer = load_student("minilm-l6", ["a", "b"], seed=1, pooling="mean")
+    directory = export_student(network, tokenizer, tmp_path / "student", {}, max_length=64)
+    marker = tmp_path / "planted-code-ran"
+    planted = (directory / "pooled_classifier.py").read_text() + f"\nopen({str(marker)!r}, 'w').close()\n"
+    (directory / "pooled_classifier.py").write_text(planted)
+    loaded, _ = load_exported_student(directory)  # what evaluation, budget rounds and the Serve replica call
+    assert type(loaded).__module__ == "llkd_ray.pooled_classifier"
+    assert not marker.exists()
