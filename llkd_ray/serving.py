@@ -31,7 +31,7 @@ from ray import serve
 from llkd_ray import __version__, storage
 from llkd_ray.config import Config, ServeConfig
 from llkd_ray.ray_session import threads_per_copy
-from llkd_ray.student import STUDENT_METADATA
+from llkd_ray.student import STUDENT_METADATA, student_architecture
 
 APP_NAME = "llkd-student"
 logger = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ class StudentClassifier:
         if not self._authorized(request):
             return self._error(401, "missing or wrong bearer token")
         return {  # no path or bucket URI: callers need not know where the weights live
-            "model": self.network.config.model_type,
+            **student_architecture(self.network.config),
             "labels": self.labels,
             "version": __version__,
             "training": self.metadata,

@@ -58,6 +58,15 @@ def load_exported_student(student_dir: Path):
     )
 
 
+def student_architecture(config) -> dict:
+    """The encoder's architecture and the head's pooling of a loaded student (the endpoint's metadata)."""
+    from llkd_ray.pooled_classifier import MODEL_TYPE
+
+    if config.model_type == MODEL_TYPE:
+        return {"model": config.encoder.get("model_type"), "pooling": "mean"}
+    return {"model": config.model_type, "pooling": "model"}
+
+
 def export_student(network, tokenizer, directory: Path, metadata: dict, max_length: int, state_dict=None) -> Path:
     """Save weights, tokenizer and label map in HF format (``from_pretrained`` loads it), plus run metadata.
 

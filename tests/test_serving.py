@@ -94,7 +94,7 @@ def test_health_metadata_and_docs(server, exported_student):
     metadata = requests.get(f"{server}/v1/metadata", timeout=30).json()
     assert metadata["labels"] == ["positive", "negative", "neutral"] and metadata["version"]
     assert metadata["training"]["max_length"] == 64
-    assert metadata["model"] == "bert" and metadata["max_length"] == 64
+    assert metadata["model"] == "bert" and metadata["pooling"] == "mean" and metadata["max_length"] == 64
     assert "file://" not in json.dumps(metadata) and str(exported_student) not in json.dumps(metadata)
     assert "/v1/classify" in requests.get(f"{server}/openapi.json", timeout=30).json()["paths"]
 

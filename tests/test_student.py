@@ -25,7 +25,7 @@ def test_the_mean_pooled_head_reads_the_mean_of_the_text_tokens_and_round_trips_
 
     from llkd_ray.model_sources import resolve_model
     from llkd_ray.pooled_classifier import MODEL_TYPE
-    from llkd_ray.student import export_student, load_exported_student
+    from llkd_ray.student import export_student, load_exported_student, student_architecture
 
     names = ["positive", "negative", "neutral"]
     network, tokenizer = load_student("minilm-l6", names, seed=4, pooling="mean")
@@ -53,6 +53,9 @@ def test_the_mean_pooled_head_reads_the_mean_of_the_text_tokens_and_round_trips_
         predict_probs(loaded, loaded_tokenizer, texts, 64), predict_probs(network, tokenizer, texts, 64), atol=1e-6
     )
     assert loaded.config.id2label == dict(enumerate(names))
+    assert student_architecture(loaded.config) == {"model": "bert", "pooling": "mean"}  # the endpoint's metadata
+    plain, _ = load_student("minilm-l6", names, pooling="model")
+    assert student_architecture(plain.config) == {"model": "bert", "pooling": "model"}
     # Where llkd_ray is not installed, transformers loads it from the code saved next to the weights.
     script = (
         "import sys, torch\n"
