@@ -29,6 +29,12 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 MODEL_TYPE = "llkd_mean_pooled"
 
 
+def masked_mean(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[batch, hidden]: the mean of each text's token states, its padding left out."""
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
+    return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
 class MeanPooledConfig(PretrainedConfig):
     model_type = MODEL_TYPE
 
@@ -78,11 +84,7 @@ class MeanPooledClassifier(PreTrainedModel):
             inputs["token_type_ids"] = token_type_ids
         output = self.encoder(**inputs, output_hidden_states=output_hidden_states, return_dict=True)
         states = output.last_hidden_state
-        if attention_mask is None:
-            pooled = states.mean(dim=1)
-        else:
-            mask = attention_mask.unsqueeze(-1).to(states.dtype)
-            pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        pooled = states.mean(dim=1) if attention_mask is None else masked_mean(states, attention_mask)
         logits = self.classifier(self.dropout(pooled))
         loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=output.hidden_states)

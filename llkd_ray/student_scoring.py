@@ -47,6 +47,8 @@ class StudentScorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
+        from llkd_ray.pooled_classifier import masked_mean
+
         texts = batch["text"].to_pylist()
         order = np.argsort([len(text) for text in texts], kind="stable")  # each forward pads to its own longest
         probs = np.zeros((len(texts), self.network.config.num_labels))
@@ -63,8 +65,7 @@ class StudentScorer:
                 ).to(self.device)
                 output = self.network(**encoded, output_hidden_states=True)
                 probs[index] = torch.softmax(output.logits.float(), dim=-1).cpu().numpy()
-                mask = encoded["attention_mask"].unsqueeze(-1).float()
-                pooled = (output.hidden_states[-1].float() * mask).sum(1) / mask.sum(1).clamp(min=1)
+                pooled = masked_mean(output.hidden_states[-1].float(), encoded["attention_mask"])
                 embeddings[index] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
         columns = {
             "key": batch["key"],
