@@ -18,7 +18,7 @@ difference with its CI. Writes benchmarks/results/distill_quality.json and a plo
 
     python benchmarks/distill_quality.py                                     # every dataset, seeds 0 1 2
     python benchmarks/distill_quality.py --datasets trec sms_spam --seeds 0 1 2 3 4
-    python benchmarks/distill_quality.py training.epochs=4 --selectors llkd all   # overrides first, for every run
+    python benchmarks/distill_quality.py --selectors llkd all training.epochs=4   # overrides anywhere, for every run
 """
 
 from __future__ import annotations
@@ -302,6 +302,16 @@ def plot(summary: dict, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def parse_args_with_overrides(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Options and key=value overrides in any order, as with ``llkd``: an override after ``--selectors a b`` is an
+    override, not a selector argparse refuses."""
+    from llkd_ray.cli import split_overrides
+
+    takes_value = [name for action in parser._actions if action.nargs != 0 for name in action.option_strings]
+    rest, overrides = split_overrides(sys.argv[1:], takes_value)
+    return parser.parse_args(overrides + rest)
+
+
 def main() -> None:
     from llkd_ray.selection import SELECTORS
 
@@ -315,7 +325,7 @@ def main() -> None:
     parser.add_argument("--work", default="runs/bench_distill", help="corpora, stores, checkpoints and results")
     parser.add_argument("--out", default=str(RESULTS / "distill_quality.json"))
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. training.epochs=6")
-    args = parser.parse_args()
+    args = parse_args_with_overrides(parser)
 
     import ray
 

@@ -17,7 +17,7 @@ the rows it bought, which is what it would have paid on a fresh store.
 
     python benchmarks/teacher_budget.py                                # rotten_tomatoes ag_news trec, seeds 0 1 2
     python benchmarks/teacher_budget.py --full-results benchmarks/results/round7/*llkd-teacher_quantile0.5-soft*
-    python benchmarks/teacher_budget.py labeling.budget=0.2 --datasets trec    # overrides first, for every run
+    python benchmarks/teacher_budget.py labeling.budget=0.2 --datasets trec    # overrides anywhere, for every run
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(dq.RESULTS / "teacher_budget.json"))
     parser.add_argument("--cached-only", action="store_true", help="summarise the finished runs, start no new one")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. labeling.budget=0.3")
-    args = parser.parse_args()
+    args = dq.parse_args_with_overrides(parser)
 
     import ray
 

@@ -21,11 +21,11 @@ OPTIONS_WITH_VALUES = ("--config", "--address")
 CONSOLE_COMMANDS = ("run", "label", "train", "serve")  # quiet terminal, full log in the run directory
 
 
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+def split_overrides(argv: list[str], options_with_values=OPTIONS_WITH_VALUES) -> tuple[list[str], list[str]]:
     """(the other arguments, the key=value overrides), each in its original order."""
     rest, overrides = [], []
     for position, token in enumerate(argv):
-        after_option = position > 0 and argv[position - 1] in OPTIONS_WITH_VALUES
+        after_option = position > 0 and argv[position - 1] in options_with_values
         (overrides if OVERRIDE.match(token) and not after_option else rest).append(token)
     return rest, overrides
 

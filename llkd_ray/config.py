@@ -319,6 +319,11 @@ class TrainingConfig(_Section):
     epoch_fraction: float = Field(default=0.25, gt=0)
     min_steps_per_epoch: int = Field(default=32, gt=0)
     learning_rate: float = Field(default=5e-5, gt=0)  # the peak of the schedule
+    # The classification head's learning rate as a multiple of learning_rate, on the same schedule. The head starts
+    # from random weights and the encoder from pretrained ones: at the encoder's rate the head barely moves in a
+    # short run, and the encoder bends its features to fit a random head (Kumar et al. 2022, "Fine-Tuning can
+    # Distort Pretrained Features"); SetFit trains its head at ~1e-2 for the same reason.
+    head_lr_scale: float = Field(default=1.0, gt=0)
     # Warm-up over warmup_ratio of the run's steps, then decay to 0 at the last step (or stay: constant).
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)

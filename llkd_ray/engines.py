@@ -19,6 +19,7 @@ from llkd_ray.errors import UserError
 
 DDP_STATE = "ddp_state.pt"
 ZERO_STAGE_FILE = "zero_stage.json"
+LR_SCALE = "lr_scale"  # an optimizer group's multiple of the scheduled learning rate
 ZERO_STAGE_RECORD_LIMIT = 4096  # bytes read from it: the record is ~20, a planted multi-GB file is not read whole
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,25 @@ def check_zero_stage(saved: int, running: int) -> None:
         )
 
 
+def parameter_groups(network, head_lr_scale: float) -> list[dict]:
+    """The student's trainable parameters in two optimizer groups: the pretrained encoder (everything under the
+    model's ``base_model_prefix``) and the new classification head, each with the multiple of the scheduled
+    learning rate it trains at (``lr_scale``: 1 for the encoder, ``training.head_lr_scale`` for the head)."""
+    prefix = f"{network.base_model_prefix}."
+    encoder, head = [], []
+    for name, parameter in network.named_parameters():
+        if parameter.requires_grad:
+            (encoder if name.startswith(prefix) else head).append(parameter)
+    groups = [{"params": encoder, LR_SCALE: 1.0}, {"params": head, LR_SCALE: head_lr_scale}]
+    return [group for group in groups if group["params"]]
+
+
+def set_group_learning_rates(param_groups: list[dict], value: float) -> None:
+    """The scheduled learning rate, times each group's ``lr_scale``, into an optimizer's groups."""
+    for group in param_groups:
+        group["lr"] = value * group.get(LR_SCALE, 1.0)
+
+
 def deepspeed_config(cfg: TrainingConfig, zero_stage: int, device: torch.device) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
@@ -142,7 +162,10 @@ class DeepSpeedEngine:
         config = deepspeed_config(cfg, self.zero_stage, device)
         # dist_init_required=False: reuse the process group Ray Train already set up.
         self.engine, *_ = deepspeed.initialize(
-            model=network, model_parameters=network.parameters(), config=config, dist_init_required=False
+            model=network,
+            model_parameters=parameter_groups(network, cfg.head_lr_scale),
+            config=config,
+            dist_init_required=False,
         )
 
     def logits(self, batch: dict) -> torch.Tensor:
@@ -153,8 +176,7 @@ class DeepSpeedEngine:
         self.engine.step()
 
     def set_learning_rate(self, value: float) -> None:
-        for group in self.engine.optimizer.param_groups:  # what DeepSpeed's own LR schedulers set
-            group["lr"] = value
+        set_group_learning_rates(self.engine.optimizer.param_groups, value)  # what DeepSpeed's own schedulers set
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
@@ -187,7 +209,9 @@ class DDPEngine:
         import ray.train.torch
 
         self.model = ray.train.torch.prepare_model(network)  # moves to the device; DDP when world size > 1
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(self.module, cfg.head_lr_scale), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
 
     def logits(self, batch: dict) -> torch.Tensor:
         return self.model(**batch).logits.float()
@@ -199,8 +223,7 @@ class DDPEngine:
         self.optimizer.step()
 
     def set_learning_rate(self, value: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = value
+        set_group_learning_rates(self.optimizer.param_groups, value)
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)

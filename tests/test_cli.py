@@ -48,6 +48,14 @@ def test_an_option_value_that_looks_like_an_override_stays_with_its_option():
     assert overrides == ["training.epochs=2", "teacher.num_actors=2"]
 
 
+def test_a_scripts_own_options_keep_values_that_look_like_overrides():
+    """The benchmarks pass their own options (distill_quality's --out, --work, ...) to the same split."""
+    argv = ["--selectors", "llkd", "all", "training.epochs=4", "--out", "a=b.json", "selection.momentum=0"]
+    rest, overrides = split_overrides(argv, ("--selectors", "--out"))
+    assert rest == ["--selectors", "llkd", "all", "--out", "a=b.json"]
+    assert overrides == ["training.epochs=4", "selection.momentum=0"]
+
+
 def test_check_config_applies_overrides_from_anywhere(tmp_path, capsys):
     """In-process, after other modules were imported: DeepSpeed once printed onto stdout here (the CI run)."""
     config_file = tmp_path / "c.yaml"

@@ -103,3 +103,52 @@ def test_a_damaged_checkpoint_state_is_refused_by_name(tmp_path, state):
     (checkpoint / STATE_FILE).write_text(state)
     with pytest.raises(UserError, match="llkd_state.json is damaged"):
         check_resumable(cfg, 120)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "model"])
+def test_the_head_trains_at_its_own_multiple_of_the_scheduled_learning_rate(pooling):
+    import torch
+
+    from llkd_ray.engines import parameter_groups, set_group_learning_rates
+    from llkd_ray.student import load_student
+
+    network, _ = load_student("minilm-l6", ["positive", "negative"], pooling=pooling)
+    names = {id(parameter): name for name, parameter in network.named_parameters()}
+    encoder, head = parameter_groups(network, head_lr_scale=20.0)
+    # The head is what the checkpoint did not have: BERT's pooler is pretrained, so it trains with the encoder.
+    assert {names[id(p)] for p in head["params"]} == {"classifier.weight", "classifier.bias"}
+    assert len(encoder["params"]) + len(head["params"]) == len(names)
+    optimizer = torch.optim.AdamW([encoder, head], lr=1.0)
+    set_group_learning_rates(optimizer.param_groups, 1e-4)
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([1e-4, 2e-3])
+
+
+@pytest.fixture(scope="module")
+def one_process_group(tmp_path_factory):
+    """A world of one, as a Ray Train worker has it. One for the module: DeepSpeed keeps the groups it saw."""
+    import torch.distributed as dist
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("LOCAL_RANK", "RANK"):
+            patch.setenv(name, "0")
+        patch.setenv("WORLD_SIZE", "1")
+        rendezvous = tmp_path_factory.mktemp("dist") / "rendezvous"
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
+        yield
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 3])
+def test_deepspeed_keeps_the_heads_learning_rate_multiple_in_its_optimizer(stage, one_process_group):
+    """DeepSpeed builds its own optimizer (and ZeRO-3 re-partitions its groups): the head's group must still
+    carry its multiple, or the schedule would set one rate for every parameter."""
+    import torch
+
+    from llkd_ray.config import TrainingConfig
+    from llkd_ray.student import load_student
+
+    network, _ = load_student("minilm-l6", ["positive", "negative"], pooling="mean")
+    engine = DeepSpeedEngine(network, TrainingConfig(zero_stage=stage, head_lr_scale=20.0), torch.device("cpu"))
+    engine.set_learning_rate(1e-4)
+    assert sorted(group["lr"] for group in engine.engine.optimizer.param_groups) == pytest.approx([1e-4, 2e-3])
