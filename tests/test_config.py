@@ -36,6 +36,8 @@ def test_overrides_are_parsed_as_yaml_values():
         (["teacher=3"], "teacher: Input should be a valid dictionary"),
         (["training.ema_decay=0.99", "training.zero_stage=3"], "training: ema_decay: the weight average needs"),
         (["training.ema_decay=1"], "training.ema_decay: Input should be less than 1"),
+        (["training.learning_rate=.inf"], "training.learning_rate: Input should be a finite number"),
+        (["training.head_lr_scale=.nan"], "training.head_lr_scale: Input should be a finite number"),
     ],
 )
 def test_bad_values_name_the_field(overrides, expected):
