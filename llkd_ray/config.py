@@ -321,11 +321,10 @@ class TrainingConfig(_Section):
     # The peak of the schedule. inf and nan pass gt=0, and would only show as a NaN loss: refused here.
     learning_rate: float = Field(default=5e-5, gt=0, allow_inf_nan=False)
     # The classification head's learning rate as a multiple of learning_rate, on the same schedule. The head starts
-    # from random weights and the encoder from pretrained ones: at the encoder's rate the head barely moves in a
-    # short run, and the encoder bends its features to fit a random head (Kumar et al. 2022, "Fine-Tuning can
-    # Distort Pretrained Features"); SetFit trains its head at ~1e-2 for the same reason. Measured on Rotten
-    # Tomatoes' dev (README, round 12): at 100 the student reached its plateau in the first epoch and ended where
-    # 1 ends, so 1 stays the default; a larger multiple pays in short runs.
+    # from random weights and the encoder from pretrained ones, and fine-tuning bends the encoder's features to fit
+    # a random head (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"); SetFit trains its head at
+    # ~1e-2. Measured on Rotten Tomatoes' dev (README, round 12, one seed): at 100 the student reached its plateau
+    # in the first epoch and ended where 1 ends, so 1 stays the default; shorter runs were not measured.
     head_lr_scale: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     # Warm-up over warmup_ratio of the run's steps, then decay to 0 at the last step (or stay: constant).
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
