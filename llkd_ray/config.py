@@ -24,8 +24,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    # extra="forbid" turns a typo into an error instead of a silently ignored key.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra="forbid" turns a typo into an error instead of a silently ignored key; allow_inf_nan=False refuses
+    # .inf and .nan in every float field (YAML reads both), which bounds such as gt=0 let through as inf.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class CorpusConfig(_Section):
@@ -319,13 +320,13 @@ class TrainingConfig(_Section):
     epoch_fraction: float = Field(default=0.25, gt=0)
     min_steps_per_epoch: int = Field(default=32, gt=0)
     # The peak of the schedule. inf and nan pass gt=0, and would only show as a NaN loss: refused here.
-    learning_rate: float = Field(default=5e-5, gt=0, allow_inf_nan=False)
+    learning_rate: float = Field(default=5e-5, gt=0)
     # The classification head's learning rate as a multiple of learning_rate, on the same schedule. The head starts
     # from random weights and the encoder from pretrained ones, and fine-tuning bends the encoder's features to fit
     # a random head (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"); SetFit trains its head at
     # ~1e-2. Measured on Rotten Tomatoes' dev (README, round 12, one seed): at 100 the student reached its plateau
     # in the first epoch and ended where 1 ends, so 1 stays the default; shorter runs were not measured.
-    head_lr_scale: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    head_lr_scale: float = Field(default=1.0, gt=0)
     # Warm-up over warmup_ratio of the run's steps, then decay to 0 at the last step (or stay: constant).
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)

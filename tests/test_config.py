@@ -38,6 +38,11 @@ def test_overrides_are_parsed_as_yaml_values():
         (["training.ema_decay=1"], "training.ema_decay: Input should be less than 1"),
         (["training.learning_rate=.inf"], "training.learning_rate: Input should be a finite number"),
         (["training.head_lr_scale=.nan"], "training.head_lr_scale: Input should be a finite number"),
+        # every section refuses them, not only the fields that were checked one by one
+        (["teacher.num_cpus=.inf"], "teacher.num_cpus: Input should be a finite number"),
+        (["training.resources_per_worker={big: .inf}"], "training.resources_per_worker.big: Input should be a finite"),
+        (["serve.request_timeout_s=.inf"], "serve.request_timeout_s: Input should be a finite number"),
+        (["training.distill_temperature=.inf"], "training.distill_temperature: Input should be a finite number"),
     ],
 )
 def test_bad_values_name_the_field(overrides, expected):
