@@ -14,11 +14,15 @@ Each finished run is stored under ``--work``/results/<fingerprint>.json, where t
 of llkd_ray/, the resolved config and the dataset file: an interrupted matrix resumes where it stopped, and a
 changed recipe never reuses a stale result. Prints per dataset × selector the test macro-F1 (mean and 95% CI over
 seeds), dev macro-F1, pool fraction used and optimizer steps, then LLKD − best baseline (best on dev) as a paired
-difference with its CI. Writes benchmarks/results/distill_quality.json and a plot of F1 against pool fraction.
+difference with its CI, and LLKD − each baseline averaged over the datasets (per seed, the mean over datasets of
+the difference; then its CI over seeds). ``--pair-with`` earlier result files pairs every selector with its own
+runs there, by dataset and seed (an override against the defaults, in one command). Writes
+benchmarks/results/distill_quality.json and a plot of F1 against pool fraction.
 
     python benchmarks/distill_quality.py                                     # every dataset, seeds 0 1 2
     python benchmarks/distill_quality.py --datasets trec sms_spam --seeds 0 1 2 3 4
     python benchmarks/distill_quality.py --selectors llkd all training.epochs=4   # overrides anywhere, for every run
+    python benchmarks/distill_quality.py --selectors llkd training.x=1 --pair-with earlier.json
 """
 
 from __future__ import annotations
@@ -162,6 +166,28 @@ def mean_ci(values) -> tuple[float, float]:
     return float(values.mean()), float(half)
 
 
+def paired(mine: dict, other: dict) -> dict:
+    """``mine`` − ``other`` over the seeds both have (each a {seed: value} map): mean, 95% CI, seeds."""
+    seeds = sorted(set(mine) & set(other))
+    mean, ci = mean_ci([mine[s] - other[s] for s in seeds]) if seeds else (float("nan"), float("nan"))
+    return {"difference": mean, "ci95": ci, "seeds": seeds}
+
+
+def by_seed(runs: list[dict], dataset: str, selector: str, metric: str) -> dict:
+    return {r["seed"]: r[metric] for r in runs if r["dataset"] == dataset and r["selector"] == selector}
+
+
+def averaged_over_datasets(runs: list[dict], datasets, mine: str, other: str, metric: str, earlier=None) -> dict:
+    """``mine`` − ``other`` averaged over the datasets, paired by seed: per seed, the mean over datasets of the
+    difference, then its mean and CI over the seeds every dataset has for both. ``earlier`` (another run's rows)
+    takes the place of ``other``'s rows when comparing with a previous result file."""
+    earlier = runs if earlier is None else earlier
+    per_dataset = [(by_seed(runs, d, mine, metric), by_seed(earlier, d, other, metric)) for d in datasets]
+    seeds = sorted(set.intersection(*(set(a) & set(b) for a, b in per_dataset))) if per_dataset else []
+    per_seed = {s: float(np.mean([a[s] - b[s] for a, b in per_dataset])) for s in seeds}
+    return paired(per_seed, dict.fromkeys(seeds, 0.0))
+
+
 def code_fingerprint() -> str:
     digest = hashlib.sha256()
     for path in sorted((ROOT / "llkd_ray").rglob("*")):
@@ -222,13 +248,20 @@ def run_one(spec, base, pool, dev, test, selector: str, seed: int, work: Path, c
     return result
 
 
-def summarise(results: list[dict], selectors: list[str]) -> dict:
-    summary: dict = {"datasets": {}, "average": {}}
+def summarise(results: list[dict], selectors: list[str], earlier: list[dict] | None = None) -> dict:
+    """Per dataset × selector: test mean ± CI, dev mean, pool fraction, steps; LLKD − best baseline (chosen on
+    dev) per dataset; LLKD − each baseline averaged over the datasets that ran both; and, given ``earlier`` (the
+    ``runs`` of a previous result file), every selector against its own earlier runs, paired by seed."""
+    summary: dict = {"datasets": {}, "average": {}, "llkd_minus": {}}
     by_dataset: dict[str, list[dict]] = {}
     for result in results:
         by_dataset.setdefault(result["dataset"], []).append(result)
     for dataset, rows in by_dataset.items():
-        entry = {"teacher_test_macro_f1": rows[0]["teacher_test_macro_f1"], "selectors": {}}
+        entry = {
+            "teacher_test_macro_f1": rows[0]["teacher_test_macro_f1"],
+            "teacher_dev_macro_f1": rows[0]["teacher_dev_macro_f1"],
+            "selectors": {},
+        }
         for selector in selectors:
             mine = sorted((r for r in rows if r["selector"] == selector), key=lambda r: r["seed"])
             if not mine:
@@ -246,10 +279,12 @@ def summarise(results: list[dict], selectors: list[str]) -> dict:
         baselines = {k: v for k, v in entry["selectors"].items() if k not in ("llkd", GOLD_CEILING)}
         if "llkd" in entry["selectors"] and baselines:
             best = max(baselines, key=lambda k: baselines[k]["dev_macro_f1"])  # chosen on dev
-            llkd, other = entry["selectors"]["llkd"]["test_by_seed"], baselines[best]["test_by_seed"]
-            paired = [llkd[s] - other[s] for s in llkd if s in other]
-            diff, ci = mean_ci(paired) if paired else (float("nan"), float("nan"))
-            entry["llkd_minus_best_baseline"] = {"baseline": best, "test_difference": diff, "ci95": ci}
+            diff = paired(entry["selectors"]["llkd"]["test_by_seed"], baselines[best]["test_by_seed"])
+            entry["llkd_minus_best_baseline"] = {
+                "baseline": best,
+                "test_difference": diff["difference"],
+                "ci95": diff["ci95"],
+            }
         summary["datasets"][dataset] = entry
     for selector in selectors:
         values = [
@@ -259,13 +294,54 @@ def summarise(results: list[dict], selectors: list[str]) -> dict:
         ]
         if values:
             summary["average"][selector] = float(np.mean(values))
+    for baseline in selectors:
+        both = [d for d, e in summary["datasets"].items() if {"llkd", baseline} <= set(e["selectors"])]
+        if baseline != "llkd" and both:
+            summary["llkd_minus"][baseline] = {
+                "datasets": both,
+                **{
+                    m: averaged_over_datasets(results, both, "llkd", baseline, f"{m}_macro_f1") for m in ("dev", "test")
+                },
+            }
+    if earlier is not None:
+        summary["paired_with_earlier"] = {}
+        for selector in selectors:
+            both = [
+                d
+                for d in by_dataset
+                if by_seed(results, d, selector, "test_macro_f1") and by_seed(earlier, d, selector, "test_macro_f1")
+            ]
+            if both:
+                summary["paired_with_earlier"][selector] = {
+                    "per_dataset": {
+                        d: {
+                            m: paired(
+                                by_seed(results, d, selector, f"{m}_macro_f1"),
+                                by_seed(earlier, d, selector, f"{m}_macro_f1"),
+                            )
+                            for m in ("dev", "test")
+                        }
+                        for d in both
+                    },
+                    **{
+                        m: averaged_over_datasets(results, both, selector, selector, f"{m}_macro_f1", earlier)
+                        for m in ("dev", "test")
+                    },
+                }
     return summary
+
+
+def _points(d: dict) -> str:
+    ci = "" if np.isnan(d["ci95"]) else f" ± {100 * d['ci95']:.1f}"
+    return f"{100 * d['difference']:+.1f}{ci}"
 
 
 def print_summary(summary: dict) -> None:
     print(f"\n{'dataset':<16}{'selector':<21}{'test macro-F1':>20}{'dev':>8}{'pool used':>11}{'steps':>7}")
     for dataset, entry in summary["datasets"].items():
-        print(f"{dataset:<16}{'teacher':<21}{entry['teacher_test_macro_f1']:>20.3f}")
+        print(
+            f"{dataset:<16}{'teacher':<21}{entry['teacher_test_macro_f1']:>20.3f}{entry['teacher_dev_macro_f1']:>8.3f}"
+        )
         for selector, s in entry["selectors"].items():
             ci = "" if np.isnan(s["test_ci95"]) else f" ± {s['test_ci95']:.3f}"
             print(
@@ -279,6 +355,19 @@ def print_summary(summary: dict) -> None:
                 f" (95% CI ± {100 * d['ci95']:.1f}, paired over seeds)"
             )
     print("\naverage test macro-F1 over datasets: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["average"].items()))
+    for baseline, d in summary["llkd_minus"].items():
+        print(
+            f"LLKD - {baseline}, averaged over {len(d['datasets'])} dataset(s), paired by seed {d['test']['seeds']}:"
+            f" dev {_points(d['dev'])}, test {_points(d['test'])} points (95% CI)"
+        )
+    for selector, d in summary.get("paired_with_earlier", {}).items():
+        rows = ", ".join(
+            f"{name} dev {_points(v['dev'])} test {_points(v['test'])}" for name, v in d["per_dataset"].items()
+        )
+        print(
+            f"{selector} - the earlier file's {selector}, paired by seed: {rows};"
+            f" averaged: dev {_points(d['dev'])}, test {_points(d['test'])} points"
+        )
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -324,8 +413,15 @@ def main() -> None:
     )
     parser.add_argument("--work", default="runs/bench_distill", help="corpora, stores, checkpoints and results")
     parser.add_argument("--out", default=str(RESULTS / "distill_quality.json"))
+    parser.add_argument(
+        "--pair-with",
+        nargs="+",
+        help="earlier result files: each selector here minus its own runs there, by dataset and seed",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. training.epochs=6")
     args = parse_args_with_overrides(parser)
+    # read before hours of runs, not after
+    earlier = [r for f in args.pair_with for r in json.loads(Path(f).read_text())["runs"]] if args.pair_with else None
 
     import ray
 
@@ -339,7 +435,7 @@ def main() -> None:
         ray.init(num_cpus=os.cpu_count())
         results = run_matrix(args, work, code)
         ray.shutdown()
-    summary = summarise(results, args.selectors)
+    summary = summarise(results, args.selectors, earlier)
     summary["machine"] = f"{os.cpu_count()} CPU cores, {sys.platform}"
     summary["code_fingerprint"] = code
     summary["runs"] = results
