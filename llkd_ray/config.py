@@ -319,7 +319,6 @@ class TrainingConfig(_Section):
     steps_per_epoch: int | None = Field(default=None, gt=0)
     epoch_fraction: float = Field(default=0.25, gt=0)
     min_steps_per_epoch: int = Field(default=32, gt=0)
-    # The peak of the schedule. inf and nan pass gt=0, and would only show as a NaN loss: refused here.
     learning_rate: float = Field(default=5e-5, gt=0)
     # The classification head's learning rate as a multiple of learning_rate, on the same schedule. The head starts
     # from random weights and the encoder from pretrained ones, and fine-tuning bends the encoder's features to fit
