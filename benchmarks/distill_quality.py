@@ -16,7 +16,8 @@ changed recipe never reuses a stale result. Prints per dataset × selector the t
 seeds), dev macro-F1, pool fraction used and optimizer steps, then LLKD − best baseline (best on dev) as a paired
 difference with its CI, and LLKD − each baseline averaged over the datasets (per seed, the mean over datasets of
 the difference; then its CI over seeds). ``--pair-with`` earlier result files pairs every selector with its own
-runs there, by dataset and seed (an override against the defaults, in one command). Writes
+runs there, by dataset and seed (an override against the defaults, in one command); ``--from-results`` trains
+nothing and summarises result files together (a matrix run in parts, on machines that do not share a cache). Writes
 benchmarks/results/distill_quality.json and a plot of F1 against pool fraction.
 
     python benchmarks/distill_quality.py                                     # every dataset, seeds 0 1 2
@@ -418,10 +419,21 @@ def main() -> None:
         nargs="+",
         help="earlier result files: each selector here minus its own runs there, by dataset and seed",
     )
+    parser.add_argument(
+        "--from-results",
+        nargs="+",
+        help="train nothing: summarise the runs of these result files together (a matrix run in parts)",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. training.epochs=6")
     args = parse_args_with_overrides(parser)
     # read before hours of runs, not after
-    earlier = [r for f in args.pair_with for r in json.loads(Path(f).read_text())["runs"]] if args.pair_with else None
+    earlier = merged_runs(args.pair_with) if args.pair_with else None
+    if args.from_results:
+        if args.overrides:
+            parser.error("--from-results trains nothing: overrides would not apply to its runs")
+        results = [r for r in merged_runs(args.from_results) if r["dataset"] in args.datasets]
+        write_summary(results, [s for s in args.selectors if any(r["selector"] == s for r in results)], earlier, args)
+        return
 
     import ray
 
@@ -435,9 +447,31 @@ def main() -> None:
         ray.init(num_cpus=os.cpu_count())
         results = run_matrix(args, work, code)
         ray.shutdown()
-    summary = summarise(results, args.selectors, earlier)
+    write_summary(results, args.selectors, earlier, args, code)
+
+
+def merged_runs(paths) -> list[dict]:
+    """The runs of several result files, once each: a (dataset, selector, seed) that two files hold with different
+    scores is refused (they trained different code or configs), not silently picked."""
+    runs: dict[tuple, dict] = {}
+    for path in paths:
+        stored = json.loads(Path(path).read_text())
+        for run in stored["runs"]:
+            run.setdefault("code_fingerprint", stored.get("code_fingerprint"))
+            key = (run["dataset"], run["selector"], run["seed"])
+            scores = (run["dev_macro_f1"], run["test_macro_f1"])
+            if key in runs and (runs[key]["dev_macro_f1"], runs[key]["test_macro_f1"]) != scores:
+                raise SystemExit(f"{path}: {key} is also in an earlier file, with other scores")
+            runs.setdefault(key, run)
+    return list(runs.values())
+
+
+def write_summary(results: list[dict], selectors, earlier, args, code: str | None = None) -> None:
+    summary = summarise(results, selectors, earlier)
     summary["machine"] = f"{os.cpu_count()} CPU cores, {sys.platform}"
-    summary["code_fingerprint"] = code
+    # a summary of result files names the code of each file it read (each run keeps its own fingerprint too)
+    summary["code_fingerprint"] = code or sorted({str(r.get("code_fingerprint")) for r in results})
+    summary["from_results"] = args.from_results
     summary["runs"] = results
     print_summary(summary)
     out = Path(args.out)

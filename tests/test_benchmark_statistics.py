@@ -65,3 +65,17 @@ def test_pairing_with_an_earlier_file_compares_each_selector_with_its_own_runs()
     assert llkd["per_dataset"]["a"]["dev"]["difference"] == pytest.approx(0.0)
     assert llkd["test"]["difference"] == pytest.approx(0.02) and llkd["test"]["seeds"] == [0, 1, 2]
     assert summary["paired_with_earlier"]["all"]["test"]["seeds"] == [0, 1]
+
+
+def test_result_files_merge_once_each_and_refuse_conflicting_scores(tmp_path):
+    import json
+
+    first, second, conflicting = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    first.write_text(json.dumps({"code_fingerprint": "one", "runs": RUNS[:4]}))
+    second.write_text(json.dumps({"code_fingerprint": "two", "runs": RUNS[3:]}))  # RUNS[3] in both, same scores
+    merged = dq.merged_runs([first, second])
+    assert len(merged) == len(RUNS)
+    assert {r["code_fingerprint"] for r in merged} == {"one", "two"}
+    conflicting.write_text(json.dumps({"runs": [{**RUNS[0], "test_macro_f1": 0.1}]}))
+    with pytest.raises(SystemExit, match="other scores"):
+        dq.merged_runs([first, conflicting])
