@@ -1,7 +1,9 @@
 """The teacher on each benchmark dataset's dev rows: macro-F1 raw, calibrated with a uniform class prior (the
-default) and with the EM-estimated prior (``teacher.class_prior=estimated``), and how correct its most confident
-labels are (what LLKD's teacher gate relies on). Reads the labels ``distill_quality.py`` stored and labels nothing
-(the corpus ids are read through Ray Data, which starts a local Ray).
+default) and with the EM-estimated prior (``teacher.class_prior=estimated``), how correct its most confident
+labels are (what LLKD's teacher gate relies on), and the class shares it predicts against gold, overall and in
+each predicted class's more confident half (what LLKD's per-class teacher bars keep). Reads the labels
+``distill_quality.py`` stored and labels nothing (the corpus ids are read through Ray Data, which starts a local
+Ray).
 
     python benchmarks/teacher_calibration.py                       # every dataset already labelled
     python benchmarks/teacher_calibration.py --datasets ag_news trec
@@ -39,9 +41,21 @@ def dev_report(name: str, work: Path) -> str:
     }
     confidence, correct = uniform[rows].max(1), uniform[rows].argmax(1) == gold
     top = [correct[confidence >= np.quantile(confidence, 1 - share)].mean() for share in (0.3, 0.5)]
+    # What LLKD's per-class teacher bars see: rows at or above their predicted class's median confidence.
+    predicted = uniform[rows].argmax(1)
+    medians = {c: np.median(confidence[predicted == c]) for c in np.unique(predicted)}
+    per_class_half = confidence >= np.array([medians[c] for c in predicted])
+    shares = {
+        "predicted": np.bincount(predicted, minlength=len(names)) / len(rows),
+        "gold": np.bincount(gold, minlength=len(names)) / len(rows),
+        "gold in the per-class half": np.bincount(gold[per_class_half], minlength=len(names)) / per_class_half.sum(),
+    }
     return (
         f"{name:16s} {len(rows):4d} {f1['raw']:8.3f} {f1['uniform']:8.3f} {f1['estimated']:10.3f}"
-        f" {top[0]:9.3f} {top[1]:9.3f} {correct.mean():9.3f}   estimated prior {np.round(prior, 2).tolist()}"
+        f" {top[0]:9.3f} {top[1]:9.3f} {correct.mean():9.3f}   estimated prior {np.round(prior, 2).tolist()}\n"
+        f"{'':16s} class shares ({', '.join(names)}): "
+        + "; ".join(f"{tag} {np.round(v, 2).tolist()}" for tag, v in shares.items())
+        + f"; ok in the per-class half {correct[per_class_half].mean():.3f}"
     )
 
 
