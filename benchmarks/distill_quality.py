@@ -167,26 +167,34 @@ def mean_ci(values) -> tuple[float, float]:
     return float(values.mean()), float(half)
 
 
-def paired(mine: dict, other: dict) -> dict:
-    """``mine`` − ``other`` over the seeds both have (each a {seed: value} map): mean, 95% CI, seeds."""
-    seeds = sorted(set(mine) & set(other))
-    mean, ci = mean_ci([mine[s] - other[s] for s in seeds]) if seeds else (float("nan"), float("nan"))
+def over_seeds(differences: dict) -> dict:
+    """{seed: difference} → its mean, 95% CI over the seeds, and the seeds."""
+    seeds = sorted(differences)
+    mean, ci = mean_ci([differences[s] for s in seeds]) if seeds else (float("nan"), float("nan"))
     return {"difference": mean, "ci95": ci, "seeds": seeds}
+
+
+def paired(mine: dict, other: dict) -> dict:
+    """``mine`` − ``other`` over the seeds both have (each a {seed: value} map)."""
+    return over_seeds({s: mine[s] - other[s] for s in set(mine) & set(other)})
 
 
 def by_seed(runs: list[dict], dataset: str, selector: str, metric: str) -> dict:
     return {r["seed"]: r[metric] for r in runs if r["dataset"] == dataset and r["selector"] == selector}
 
 
-def averaged_over_datasets(runs: list[dict], datasets, mine: str, other: str, metric: str, earlier=None) -> dict:
-    """``mine`` − ``other`` averaged over the datasets, paired by seed: per seed, the mean over datasets of the
-    difference, then its mean and CI over the seeds every dataset has for both. ``earlier`` (another run's rows)
-    takes the place of ``other``'s rows when comparing with a previous result file."""
+def averaged_over_datasets(runs: list[dict], datasets, mine: str, other: str, earlier=None) -> dict:
+    """``mine`` − ``other`` on dev and test, averaged over the datasets and paired by seed: per seed, the mean over
+    datasets of the difference, then its mean and CI over the seeds every dataset has for both. ``earlier``
+    (another run's rows) takes the place of ``other``'s rows when comparing with a previous result file."""
     earlier = runs if earlier is None else earlier
-    per_dataset = [(by_seed(runs, d, mine, metric), by_seed(earlier, d, other, metric)) for d in datasets]
-    seeds = sorted(set.intersection(*(set(a) & set(b) for a, b in per_dataset))) if per_dataset else []
-    per_seed = {s: float(np.mean([a[s] - b[s] for a, b in per_dataset])) for s in seeds}
-    return paired(per_seed, dict.fromkeys(seeds, 0.0))
+    result = {}
+    for split in ("dev", "test"):
+        metric = f"{split}_macro_f1"
+        per_dataset = [(by_seed(runs, d, mine, metric), by_seed(earlier, d, other, metric)) for d in datasets]
+        seeds = set.intersection(*(set(a) & set(b) for a, b in per_dataset)) if per_dataset else set()
+        result[split] = over_seeds({s: float(np.mean([a[s] - b[s] for a, b in per_dataset])) for s in seeds})
+    return result
 
 
 def code_fingerprint() -> str:
@@ -300,9 +308,7 @@ def summarise(results: list[dict], selectors: list[str], earlier: list[dict] | N
         if baseline != "llkd" and both:
             summary["llkd_minus"][baseline] = {
                 "datasets": both,
-                **{
-                    m: averaged_over_datasets(results, both, "llkd", baseline, f"{m}_macro_f1") for m in ("dev", "test")
-                },
+                **averaged_over_datasets(results, both, "llkd", baseline),
             }
     if earlier is not None:
         summary["paired_with_earlier"] = {}
@@ -314,20 +320,8 @@ def summarise(results: list[dict], selectors: list[str], earlier: list[dict] | N
             ]
             if both:
                 summary["paired_with_earlier"][selector] = {
-                    "per_dataset": {
-                        d: {
-                            m: paired(
-                                by_seed(results, d, selector, f"{m}_macro_f1"),
-                                by_seed(earlier, d, selector, f"{m}_macro_f1"),
-                            )
-                            for m in ("dev", "test")
-                        }
-                        for d in both
-                    },
-                    **{
-                        m: averaged_over_datasets(results, both, selector, selector, f"{m}_macro_f1", earlier)
-                        for m in ("dev", "test")
-                    },
+                    "per_dataset": {d: averaged_over_datasets(results, [d], selector, selector, earlier) for d in both},
+                    **averaged_over_datasets(results, both, selector, selector, earlier),
                 }
     return summary
 

@@ -39,10 +39,10 @@ def dev_report(name: str, work: Path) -> str:
         tag: classification_report(gold, probs[rows].argmax(1), names)["macro_f1"]
         for tag, probs in (("raw", raw), ("uniform", uniform), ("estimated", estimated))
     }
-    confidence, correct = uniform[rows].max(1), uniform[rows].argmax(1) == gold
+    confidence, predicted = uniform[rows].max(1), uniform[rows].argmax(1)
+    correct = predicted == gold
     top = [correct[confidence >= np.quantile(confidence, 1 - share)].mean() for share in (0.3, 0.5)]
     # What LLKD's per-class teacher bars see: rows at or above their predicted class's median confidence.
-    predicted = uniform[rows].argmax(1)
     medians = {c: np.median(confidence[predicted == c]) for c in np.unique(predicted)}
     per_class_half = confidence >= np.array([medians[c] for c in predicted])
     shares = {

@@ -319,7 +319,7 @@ class TrainingConfig(_Section):
     steps_per_epoch: int | None = Field(default=None, gt=0)
     epoch_fraction: float = Field(default=0.25, gt=0)
     min_steps_per_epoch: int = Field(default=32, gt=0)
-    learning_rate: float = Field(default=5e-5, gt=0)
+    learning_rate: float = Field(default=5e-5, gt=0)  # the peak of the schedule
     # The classification head's learning rate as a multiple of learning_rate, on the same schedule. The head starts
     # from random weights and the encoder from pretrained ones, and fine-tuning bends the encoder's features to fit
     # a random head (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"); SetFit trains its head at
