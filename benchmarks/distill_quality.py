@@ -183,13 +183,15 @@ def by_seed(runs: list[dict], dataset: str, selector: str, metric: str) -> dict:
     return {r["seed"]: r[metric] for r in runs if r["dataset"] == dataset and r["selector"] == selector}
 
 
-def averaged_over_datasets(runs: list[dict], datasets, mine: str, other: str, earlier=None) -> dict:
-    """``mine`` − ``other`` on dev and test, averaged over the datasets and paired by seed: per seed, the mean over
+def averaged_over_datasets(
+    runs: list[dict], datasets, mine: str, other: str, earlier=None, splits=("dev", "test")
+) -> dict:
+    """``mine`` − ``other`` on each split, averaged over the datasets and paired by seed: per seed, the mean over
     datasets of the difference, then its mean and CI over the seeds every dataset has for both. ``earlier``
     (another run's rows) takes the place of ``other``'s rows when comparing with a previous result file."""
     earlier = runs if earlier is None else earlier
     result = {}
-    for split in ("dev", "test"):
+    for split in splits:
         metric = f"{split}_macro_f1"
         per_dataset = [(by_seed(runs, d, mine, metric), by_seed(earlier, d, other, metric)) for d in datasets]
         seeds = set.intersection(*(set(a) & set(b) for a, b in per_dataset)) if per_dataset else set()

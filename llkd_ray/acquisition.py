@@ -9,7 +9,10 @@ A budget of B rows is spent as (``budget.py`` runs the rounds):
     rounds  1 … R-1, the rest in equal shares. Each round quotas the rows evenly over the classes the current
             student predicts (a class it predicts for few rows gives its unused quota to the others); inside a
             class it takes the most uncertain rows (normalised entropy of the student's distribution), one cluster
-            at a time in turn, so one dense region of confusing rows cannot take the whole round.
+            at a time in turn, so one dense region of confusing rows cannot take the whole round. With
+            ``random_share`` s > 0, round(s · round size) of a round's rows are drawn uniformly from the rows the
+            student's choice left: the rows a student finds hardest are where a noisy teacher is wrong most often,
+            and the random share keeps buying the teacher's average rows too.
 
 The random baseline (``labeling.acquisition=random``) spends the same rounds on uniformly drawn rows.
 """
@@ -122,6 +125,24 @@ def uncertain_and_diverse(
     return np.sort(np.asarray(chosen, dtype=np.int64))
 
 
+def student_and_random(
+    uncertainty: np.ndarray,
+    predicted: np.ndarray,
+    clusters: np.ndarray,
+    size: int,
+    num_classes: int,
+    random_share: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the student's rows, the random rows), disjoint, ``size`` in all: round(random_share · size) drawn uniformly
+    from what ``uncertain_and_diverse`` left of the rest."""
+    size = min(size, len(uncertainty))
+    drawn = round(random_share * size)
+    chosen = uncertain_and_diverse(uncertainty, predicted, clusters, size - drawn, num_classes)
+    left = np.setdiff1d(np.arange(len(uncertainty)), chosen)
+    return chosen, np.sort(rng.choice(left, size=drawn, replace=False)).astype(np.int64)
+
+
 def _round_robin_over_clusters(rows: np.ndarray, uncertainty: np.ndarray, clusters: np.ndarray, take: int) -> list:
     queues = []
     for cluster in np.unique(clusters):
@@ -153,9 +174,12 @@ def budget_note(labeling, holdout: int) -> str:
     budget = labeling.budget
     amount = f"{budget:.0%} of the candidate rows" if isinstance(budget, float) else f"{budget} rows"
     margin = labeling.stop_margin
+    chooser = labeling.acquisition
+    if chooser == "student" and labeling.random_share:
+        chooser += f" ({labeling.random_share:.0%} of each later round at random)"
     return (
         f"labeling budget: {amount} (the corpus less the {holdout} gold-labelled rows held out for evaluation, which"
-        f" are labeled too), in {labeling.rounds} round(s) chosen by {labeling.acquisition}; a probe of"
+        f" are labeled too), in {labeling.rounds} round(s) chosen by {chooser}; a probe of"
         f" {labeling.probe_fraction:.0%} of the budget is never trained on; "
         + (
             "the whole budget is spent"

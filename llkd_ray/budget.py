@@ -312,8 +312,12 @@ def _plan_round(
         parts.append(_ledger_rows(index, rows[picked], round_index, "seed", None))
     else:
         predicted = scores["predicted"].to_numpy()
-        picked = acquisition.uncertain_and_diverse(uncertainty, predicted, clusters, size, len(cfg.task.labels))
+        picked, drawn = acquisition.student_and_random(
+            uncertainty, predicted, clusters, size, len(cfg.task.labels), cfg.labeling.random_share, rng
+        )
         parts.append(_ledger_rows(index, rows[picked], round_index, "uncertain", uncertainty[picked]))
+        if len(drawn):
+            parts.append(_ledger_rows(index, rows[drawn], round_index, "random", None))
     return pa.concat_tables(parts)
 
 

@@ -218,6 +218,9 @@ class LabelingConfig(_Section):
     acquisition: Literal["student", "random"] = "student"
     # k-means clusters of the student's embeddings: the seed is stratified over them, later rounds spread over them.
     clusters: int = Field(default=16, ge=1)
+    # Share of each later round drawn uniformly at random from the rows the student did not choose (``student``
+    # acquisition only). Uncertainty alone buys the rows where a noisy teacher is wrong most often.
+    random_share: float = Field(default=0.0, ge=0, le=1)
     # Share of the budget labeled in round 0 as a probe: rows drawn at random and never trained on, on which the
     # student's agreement with the teacher is measured after every round (the stopping rule's signal).
     probe_fraction: float = Field(default=0.1, ge=0, lt=1)

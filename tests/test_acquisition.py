@@ -67,6 +67,36 @@ def test_uncertain_and_diverse_balances_classes_and_spreads_over_clusters():
     assert acquisition.uncertain_and_diverse(uncertainty, predicted, clusters, 2, 2).tolist() == [0, 7]
 
 
+def test_a_random_share_of_the_round_is_drawn_from_what_the_student_left():
+    uncertainty = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.1, 0.2])
+    predicted = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    clusters = np.array([0, 0, 0, 1, 1, 1, 0, 0])
+    # share 0 is the student's choice alone; share 1 the whole round at random
+    chosen, drawn = acquisition.student_and_random(
+        uncertainty, predicted, clusters, 6, 2, 0.0, np.random.default_rng(0)
+    )
+    assert chosen.tolist() == [0, 1, 3, 4, 6, 7] and drawn.tolist() == []
+    chosen, drawn = acquisition.student_and_random(
+        uncertainty, predicted, clusters, 6, 2, 1.0, np.random.default_rng(0)
+    )
+    assert chosen.tolist() == [] and len(drawn) == len(set(drawn.tolist())) == 6
+    # share 0.5 of 6 rows: the student picks 3 (quotas 2 and 1: rows 0 and 3 from the two clusters of class 0, 7),
+    # 3 are drawn from the rest
+    draws = set()
+    for seed in range(40):
+        chosen, drawn = acquisition.student_and_random(
+            uncertainty, predicted, clusters, 6, 2, 0.5, np.random.default_rng(seed)
+        )
+        assert chosen.tolist() == [0, 3, 7] and len(drawn) == 3 and not set(drawn.tolist()) & {0, 3, 7}
+        draws |= set(drawn.tolist())
+    assert draws == {1, 2, 4, 5, 6}  # uniform over what is left, not the next most uncertain rows
+    # a round bigger than the rows left buys them all, once
+    chosen, drawn = acquisition.student_and_random(
+        uncertainty, predicted, clusters, 20, 2, 0.5, np.random.default_rng(0)
+    )
+    assert sorted(chosen.tolist() + drawn.tolist()) == list(range(8))
+
+
 def test_normalized_entropy_is_zero_when_sure_and_one_when_uniform():
     values = acquisition.normalized_entropy(np.array([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.5, 0.5, 0.0]]))
     assert values == pytest.approx([0.0, 1.0, math.log(2) / math.log(3)], abs=1e-6)

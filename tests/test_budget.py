@@ -9,9 +9,11 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -153,20 +155,34 @@ def test_a_budget_run_killed_mid_round_resumes_with_exact_teacher_call_accountin
     assert (tmp_path / "runs" / "budget" / "rounds.png").stat().st_size > 0
 
 
-def test_random_rounds_and_the_stopping_rule_leave_the_rest_of_the_budget_unspent(ray_cluster, tmp_path):
+@pytest.mark.parametrize(
+    "acquisition, random_share, reasons",
+    [("random", 0.0, {"random": 12}), ("student", 0.5, {"uncertain": 6, "random": 6})],
+    ids=["random-rounds", "student-rounds-half-random"],
+)
+def test_random_rounds_and_the_stopping_rule_leave_the_rest_of_the_budget_unspent(
+    ray_cluster, tmp_path, acquisition, random_share, reasons
+):
     from llkd_ray.budget import AcquisitionLedger
     from llkd_ray.pipeline import run_pipeline
 
     corpus = write_corpus(tmp_path, seed=12, rows=100)
     # A margin no round can clear: the rule stops after round 1, the first round it can compare with another.
-    cfg = budget_config(tmp_path, corpus, acquisition="random", stop_margin=1.0, probe_fraction=0.25)
+    cfg = budget_config(
+        tmp_path, corpus, acquisition=acquisition, random_share=random_share, stop_margin=1.0, probe_fraction=0.25
+    )
     run_pipeline(cfg)
     budget = json.loads((tmp_path / "runs" / "budget" / "metrics.json").read_text())["budget"]
     assert (budget["rounds_run"], budget["stopped_early"]) == (2, True)
     ledger = AcquisitionLedger(PseudoLabelStore(cfg), "budget")
     assert ledger.plan(2) is None  # round 2's rows were never chosen, let alone labeled
     round_one = ledger.plan(1)
-    assert set(round_one["reason"].to_pylist()) == {"random"} and round_one["score"].null_count == round_one.num_rows
+    assert dict(Counter(round_one["reason"].to_pylist())) == reasons
+    assert len(set(round_one["key"].to_pylist())) == round_one.num_rows  # no row bought twice in a round
+    # the student's rows carry the uncertainty that chose them; drawn rows carry none
+    random_rows = round_one.filter(pc.equal(round_one["reason"], "random"))
+    assert random_rows["score"].null_count == random_rows.num_rows == reasons["random"]
+    assert round_one["score"].null_count == reasons["random"]
     probe, sizes = round_sizes(budget_rows(0.6, 80), 3, 0.25)  # 48 rows: probe 12, rounds of 12
     assert budget["acquired_rows"] == probe + sizes[0] + sizes[1] == 36
     assert budget["rows_not_labeled"] == 80 - 36

@@ -108,8 +108,9 @@ def test_check_config_says_what_each_text_costs_the_teacher(capsys):
     note = capsys.readouterr().err
     assert "labeling budget: 30% of the candidate rows (the corpus less the 1000 gold-labelled rows held out" in note
     assert "in 3 round(s) chosen by student; a probe of 10% of the budget" in note and "whole budget is spent" in note
-    assert main(["check-config", teacher, "labeling.budget=600"]) == 0
-    assert "labeling budget: 600 rows" in capsys.readouterr().err
+    assert main(["check-config", teacher, "labeling.budget=600", "labeling.random_share=0.5"]) == 0
+    note = capsys.readouterr().err
+    assert "labeling budget: 600 rows" in note and "chosen by student (50% of each later round at random)" in note
 
 
 def test_version():
