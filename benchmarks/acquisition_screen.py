@@ -9,7 +9,10 @@ and three seeds takes a day of this machine. This screen keeps everything of a b
 - distill_quality's datasets, stored teacher labels, pools and dev rows (dev only: the screen is for decisions);
 - the student replaced by a **proxy**: logistic regression on the frozen encoder's mean-pooled embeddings (the
   student's starting point, computed once by the library's ``StudentScorer``), trained on the teacher's labels of
-  the rows bought so far. Its uncertainty picks the next round's rows.
+  the rows bought so far. Its uncertainty picks the next round's rows;
+- ``--candidates``: arms the library does not have yet, screened before anyone builds them at scale. ``typical``
+  (TypiClust, Hacohen et al. 2022): every round, k-means with k = the round's size over the rows still free, and
+  the densest row of each cluster, on the frozen embeddings (round 0 too); the probe is drawn as for the others.
 
 What it cannot show: a fine-tuned student's uncertainty and the LLKD recipe's selection inside each round differ
 from the proxy's, and the clusters stay those of the frozen encoder. A setting that wins here is a candidate for
@@ -17,7 +20,7 @@ from the proxy's, and the clusters stay those of the frozen encoder. A setting t
 CI over seeds) and on the whole pool, each arm minus ``random`` paired by seed, and that difference averaged over
 the datasets.
 
-    python benchmarks/acquisition_screen.py                                 # five datasets, 10 seeds, shares 0 and 0.5
+    python benchmarks/acquisition_screen.py                      # five datasets, 10 seeds, shares 0 and 0.5, typical
     python benchmarks/acquisition_screen.py --random-shares 0 0.25 0.5 0.75 labeling.rounds=4
 """
 
@@ -83,6 +86,8 @@ def bought_rows(data: dict, labeling, arm: str, share: float, seed: int) -> np.n
     free = np.setdiff1d(np.arange(n), rng.choice(n, size=probe_size, replace=False))
     if arm == "random":
         return np.sort(rng.choice(free, size=min(sum(sizes), len(free)), replace=False))
+    if arm == "typical":
+        return typical_rounds(x, free, sizes, seed)
     centroids = acquisition.kmeans(x[free], labeling.clusters, rng)
     clusters = acquisition.nearest_centroid(x, centroids)
     bought = free[acquisition.stratified_seed(clusters[free], sizes[0], rng)]
@@ -101,6 +106,39 @@ def bought_rows(data: dict, labeling, arm: str, share: float, seed: int) -> np.n
         )
         bought = np.concatenate([bought, free[chosen], free[drawn]])
     return np.sort(bought)
+
+
+def typicality(x: np.ndarray, neighbours: int = 20) -> np.ndarray:
+    """Mean cosine similarity of each (unit-length) row to its nearest ``neighbours`` other rows: high in dense
+    regions (TypiClust's typicality, Hacohen et al. 2022, with cosine similarity for its inverse distance)."""
+    result = np.empty(len(x))
+    for start in range(0, len(x), 1024):
+        similarity = x[start : start + 1024] @ x.T
+        similarity[np.arange(len(similarity)), np.arange(start, start + len(similarity))] = -np.inf  # not itself
+        result[start : start + 1024] = -np.sort(-similarity, axis=1)[:, :neighbours].mean(axis=1)
+    return result
+
+
+def typical_rounds(x: np.ndarray, free: np.ndarray, sizes: list[int], seed: int) -> np.ndarray:
+    """Candidate, not in the library: every round k-means with k = the round's size over the rows still free, and
+    the most typical row of each cluster (TypiClust); rows short of a cluster each go to the most typical left."""
+    from llkd_ray import acquisition
+
+    typical = typicality(x)
+    bought = np.array([], dtype=np.int64)
+    for round_index, size in enumerate(sizes):
+        left = np.setdiff1d(free, bought)
+        centroids = acquisition.kmeans(x[left], size, np.random.default_rng([seed, round_index]), iterations=10)
+        assigned = acquisition.nearest_centroid(x[left], centroids)
+        picked = [left[members[np.argmax(typical[left][members])]] for members in _members(assigned)]
+        rest = np.setdiff1d(left, picked)
+        picked += list(rest[np.argsort(-typical[rest], kind="stable")][: size - len(picked)])
+        bought = np.concatenate([bought, np.asarray(picked, dtype=np.int64)])
+    return np.sort(bought)
+
+
+def _members(assigned: np.ndarray) -> list[np.ndarray]:
+    return [np.flatnonzero(assigned == cluster) for cluster in np.unique(assigned)]
 
 
 def dev_f1(data: dict, rows: np.ndarray) -> float:
@@ -135,6 +173,9 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=available, choices=available)
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(10)))
     parser.add_argument("--random-shares", nargs="+", type=float, default=[0.0, 0.5])
+    parser.add_argument(
+        "--candidates", nargs="*", default=["typical"], choices=["typical"], help="arms the library does not have yet"
+    )
     parser.add_argument("--work", default="runs/bench_distill", help="distill_quality's work directory (its store)")
     parser.add_argument("--out", default=str(dq.RESULTS / "acquisition_screen.json"))
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. labeling.budget=0.2 labeling.rounds=4")
@@ -145,7 +186,8 @@ def main() -> None:
     from llkd_ray.console import console
 
     work = Path(args.work).resolve()
-    arms = ["random"] + [f"student, random_share {share:g}" for share in args.random_shares]
+    shares = {f"student, random_share {share:g}": share for share in args.random_shares}
+    arms = ["random", *shares, *args.candidates]
     runs = []
     with console(work / "acquisition_screen.log"):
         ray.init(num_cpus=os.cpu_count())
@@ -153,8 +195,9 @@ def main() -> None:
             cfg, data = load_dataset(dataset, work, list(args.overrides))
             whole_pool = dev_f1(data, np.arange(len(data["pool_x"])))
             for seed in args.seeds:
-                for arm, share in zip(arms, [0.0, *args.random_shares]):
-                    rows = bought_rows(data, cfg.labeling, "random" if arm == "random" else "student", share, seed)
+                for arm in arms:
+                    kind = "student" if arm in shares else arm
+                    rows = bought_rows(data, cfg.labeling, kind, shares.get(arm, 0.0), seed)
                     runs.append(
                         {
                             "dataset": dataset,
@@ -193,9 +236,9 @@ def summarise(runs: list[dict], arms: list[str], datasets: list[str]) -> dict:
 
 
 def print_summary(summary: dict, arms: list[str]) -> None:
-    width = max(len(arm) for arm in arms) + 2
+    width = max(len(arm) for arm in arms) + 2  # a cell: "0.123±0.012 (+1.2±3.4)"
     print(f"\nproxy student dev macro-F1 (mean ± 95% CI over seeds); minus random, paired by seed\n{'':16}", end="")
-    print(f"{'whole pool':>12}" + "".join(f"{arm:>{width + 16}}" for arm in arms))
+    print(f"{'whole pool':>12}" + "".join(f"{arm:>{max(width, 24)}}" for arm in arms))
     for dataset, entry in summary["datasets"].items():
         cells = []
         for arm in arms:
@@ -203,7 +246,7 @@ def print_summary(summary: dict, arms: list[str]) -> None:
             d = s["minus_random"]
             diff = "" if arm == "random" else f" ({100 * d['difference']:+.1f}±{100 * d['ci95']:.1f})"
             cells.append(f"{s['dev']:.3f}±{s['ci95']:.3f}{diff}")
-        print(f"{dataset:16}{entry['whole_pool']:>12.3f}" + "".join(f"{c:>{width + 16}}" for c in cells))
+        print(f"{dataset:16}{entry['whole_pool']:>12.3f}" + "".join(f"{c:>{max(width, 24)}}" for c in cells))
     for arm, d in summary["averaged_over_datasets"].items():
         print(
             f"{arm} − random, averaged over the datasets: {100 * d['difference']:+.1f} ± {100 * d['ci95']:.1f}"
