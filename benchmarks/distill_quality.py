@@ -17,7 +17,8 @@ seeds), dev macro-F1, pool fraction used and optimizer steps, then LLKD − best
 difference with its CI, and LLKD − each baseline averaged over the datasets (per seed, the mean over datasets of
 the difference; then its CI over seeds). ``--pair-with`` earlier result files pairs every selector with its own
 runs there, by dataset and seed (an override against the defaults, in one command); ``--from-results`` trains
-nothing and summarises result files together (a matrix run in parts, on machines that do not share a cache). Writes
+nothing and summarises result files together (a matrix run in parts, on machines that do not share a cache), or
+finished runs from the cache (``--work``/results/*.json: a matrix stopped before it wrote its summary). Writes
 benchmarks/results/distill_quality.json and a plot of F1 against pool fraction.
 
     python benchmarks/distill_quality.py                                     # every dataset, seeds 0 1 2
@@ -250,6 +251,7 @@ def run_one(spec, base, pool, dev, test, selector: str, seed: int, work: Path, c
         "selected_by_epoch": [h["selected"] for h in trained.history],
         "seconds": round(time.time() - started, 1),
         "fingerprint": fingerprint,
+        "code_fingerprint": code,
     }
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=2))
@@ -418,7 +420,7 @@ def main() -> None:
     parser.add_argument(
         "--from-results",
         nargs="+",
-        help="train nothing: summarise the runs of these result files together (a matrix run in parts)",
+        help="train nothing: summarise the runs of these result files, or finished runs of the cache, together",
     )
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. training.epochs=6")
     args = parse_args_with_overrides(parser)
@@ -452,7 +454,7 @@ def merged_runs(paths) -> list[dict]:
     runs: dict[tuple, dict] = {}
     for path in paths:
         stored = json.loads(Path(path).read_text())
-        for run in stored["runs"]:
+        for run in stored["runs"] if "runs" in stored else [stored]:  # a summary, or one finished run's file
             run.setdefault("code_fingerprint", stored.get("code_fingerprint"))
             key = (run["dataset"], run["selector"], run["seed"])
             scores = (run["dev_macro_f1"], run["test_macro_f1"])

@@ -79,3 +79,9 @@ def test_result_files_merge_once_each_and_refuse_conflicting_scores(tmp_path):
     conflicting.write_text(json.dumps({"runs": [{**RUNS[0], "test_macro_f1": 0.1}]}))
     with pytest.raises(SystemExit, match="other scores"):
         dq.merged_runs([first, conflicting])
+    # a finished run's own file from the cache (no summary around it) counts as one run
+    cached = [tmp_path / f"run{i}.json" for i in range(2)]
+    for path, run in zip(cached, RUNS[:2]):
+        path.write_text(json.dumps({**run, "code_fingerprint": "three"}))
+    assert dq.merged_runs(cached) == [{**run, "code_fingerprint": "three"} for run in RUNS[:2]]
+    assert len(dq.merged_runs([first, *cached])) == 4  # the same runs as in the summary: once each
