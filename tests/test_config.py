@@ -43,6 +43,8 @@ def test_overrides_are_parsed_as_yaml_values():
         (["training.resources_per_worker={big: .inf}"], "training.resources_per_worker.big: Input should be a finite"),
         (["serve.request_timeout_s=.inf"], "serve.request_timeout_s: Input should be a finite number"),
         (["training.distill_temperature=.inf"], "training.distill_temperature: Input should be a finite number"),
+        (["labeling.random_share=1.5"], "labeling.random_share: Input should be less than or equal to 1"),
+        (["labeling.random_share=-0.1"], "labeling.random_share: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_values_name_the_field(overrides, expected):
