@@ -60,13 +60,11 @@ def proxy_student(x: np.ndarray, labels: np.ndarray, num_classes: int):
     return predict
 
 
-def embed(cfg, table) -> np.ndarray:
-    """The untrained student's L2-normalised mean-pooled embeddings, as round 0 of a budgeted run computes them."""
+def embed(scorer, table) -> np.ndarray:
+    """The untrained student's L2-normalised mean-pooled embeddings, as round 0 of a budgeted run computes them
+    (``scorer``: the library's ``StudentScorer`` for the base encoder)."""
     import pyarrow as pa
 
-    from llkd_ray.student_scoring import StudentScorer
-
-    scorer = StudentScorer(cfg, cfg.student.model)
     rows = table.num_rows
     batch = pa.table({"key": table["id"], "id": table["id"], "text": table["text"]})
     parts = [scorer(batch.slice(start, 256))["embedding"].to_pylist() for start in range(0, rows, 256)]
@@ -152,15 +150,17 @@ def dev_f1(data: dict, rows: np.ndarray) -> float:
 def load_dataset(name: str, work: Path, overrides: list[str]):
     from llkd_ray.config import load_config
     from llkd_ray.labeling import run_labeling
+    from llkd_ray.student_scoring import StudentScorer
 
     spec = yaml.safe_load((dq.DATASETS / f"{name}.yaml").read_text())
     cfg = load_config(None, dq.corpus_overrides(spec, work) + ["labeling.budget=0.3"] + overrides)
     run_labeling(cfg)  # a no-op once distill_quality has labeled the corpus
     _, pool, dev, _ = dq.stored_splits(cfg)
+    scorer = StudentScorer(cfg, cfg.student.model)  # loaded once for the pool and dev rows
     data = {
-        "pool_x": embed(cfg, pool),
+        "pool_x": embed(scorer, pool),
         "teacher_label": np.asarray(pool["teacher_label"].to_pylist()),
-        "dev_x": embed(cfg, dev),
+        "dev_x": embed(scorer, dev),
         "dev_gold": np.asarray(dev["gold_index"].to_pylist()),
         "num_classes": len(cfg.task.labels),
     }
@@ -236,9 +236,9 @@ def summarise(runs: list[dict], arms: list[str], datasets: list[str]) -> dict:
 
 
 def print_summary(summary: dict, arms: list[str]) -> None:
-    width = max(len(arm) for arm in arms) + 2  # a cell: "0.123±0.012 (+1.2±3.4)"
+    width = max(24, *(len(arm) + 2 for arm in arms))  # a cell: "0.123±0.012 (+1.2±3.4)" fits in 24
     print(f"\nproxy student dev macro-F1 (mean ± 95% CI over seeds); minus random, paired by seed\n{'':16}", end="")
-    print(f"{'whole pool':>12}" + "".join(f"{arm:>{max(width, 24)}}" for arm in arms))
+    print(f"{'whole pool':>12}" + "".join(f"{arm:>{width}}" for arm in arms))
     for dataset, entry in summary["datasets"].items():
         cells = []
         for arm in arms:
@@ -246,7 +246,7 @@ def print_summary(summary: dict, arms: list[str]) -> None:
             d = s["minus_random"]
             diff = "" if arm == "random" else f" ({100 * d['difference']:+.1f}±{100 * d['ci95']:.1f})"
             cells.append(f"{s['dev']:.3f}±{s['ci95']:.3f}{diff}")
-        print(f"{dataset:16}{entry['whole_pool']:>12.3f}" + "".join(f"{c:>{max(width, 24)}}" for c in cells))
+        print(f"{dataset:16}{entry['whole_pool']:>12.3f}" + "".join(f"{c:>{width}}" for c in cells))
     for arm, d in summary["averaged_over_datasets"].items():
         print(
             f"{arm} − random, averaged over the datasets: {100 * d['difference']:+.1f} ± {100 * d['ci95']:.1f}"
